@@ -1,0 +1,329 @@
+"""Public functional API: validate inputs, pick a backend, call it.
+
+Every op takes ``backend="auto" | "triton" | "cuda" | "torch"``; see :mod:`esvit_kernels.backends`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+
+import torch
+
+from . import reference
+from .backends import resolve_backend
+from .checks import check_same, check_temperature, check_tensor, pair
+
+__all__ = [
+    "window_attention",
+    "shifted_window_attention",
+    "region_match",
+    "region_loss",
+    "dino_loss",
+    "multi_region_loss",
+]
+
+
+def _fused(module: str, op: str, backend: str):
+    """The fused implementation of ``op`` for ``backend`` from ``esvit_kernels.ops.<module>``."""
+    mod = importlib.import_module(f"esvit_kernels.ops.{module}")
+    return mod.get(op, backend)
+
+
+def _check_unit_stride(x: torch.Tensor, name: str, backend: str) -> None:
+    if backend != "torch" and x.dim() and x.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must have unit stride in its last dimension for the {backend} backend "
+            f"(got strides {x.stride()}); call .contiguous() first"
+        )
+
+
+def _check_window(window_size, shift_size=(0, 0)) -> tuple[tuple[int, int], tuple[int, int]]:
+    ws = pair(window_size, "window_size")
+    ss = pair(shift_size, "shift_size")
+    if min(ws) < 1:
+        raise ValueError(f"window_size must be >= 1, got {ws}")
+    for s, w, axis in zip(ss, ws, "hw"):
+        if s < 0 or s >= w:
+            raise ValueError(f"shift_size must satisfy 0 <= shift < window on axis {axis}, got shift {ss} "
+                             f"for window {ws}")
+    return ws, ss
+
+
+def _check_bias_table(bias_table, ws, heads, ref: torch.Tensor) -> None:
+    if bias_table is None:
+        return
+    check_tensor(bias_table, "bias_table", ndim=2)
+    want = ((2 * ws[0] - 1) * (2 * ws[1] - 1), heads)
+    if tuple(bias_table.shape) != want:
+        raise ValueError(f"bias_table must have shape ((2Wh-1)(2Ww-1), heads) = {want} for window {ws} and "
+                         f"{heads} heads, got {tuple(bias_table.shape)}")
+    check_same({"q": ref, "bias_table": bias_table}, dtype=False)
+
+
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window_size: int | tuple[int, int],
+    bias_table: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention inside windows with a relative-position bias: the drop-in for what Swin's
+    ``WindowAttention`` does between its qkv and proj Linears.
+
+    Args:
+        q, k, v: (B*nW, heads, N, head_dim), N = Wh*Ww, the windows of one image contiguous (timm's
+            convention). Strided views (e.g. ``qkv.unbind``) are read in place.
+        window_size: W or (Wh, Ww).
+        bias_table: ((2Wh-1)(2Ww-1), heads) relative-position bias table, gathered inside the kernel.
+        mask: optional additive (nW, N, N) mask; window b uses ``mask[b % nW]``. Not differentiated.
+        scale: logit scale, default head_dim ** -0.5.
+
+    Returns:
+        (B*nW, heads, N, head_dim) in q's dtype (fused backends return a view of a (B*nW, N, heads,
+        head_dim) buffer so ``out.transpose(1, 2).reshape(B*nW, N, C)`` is free).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(t, name, ndim=4)
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    check_same({"q": q, "k": k, "v": v})
+    ws, _ = _check_window(window_size)
+    bw, heads, n, hd = q.shape
+    if n != ws[0] * ws[1]:
+        raise ValueError(f"q has N={n} tokens per window but window {ws} has {ws[0] * ws[1]}")
+    _check_bias_table(bias_table, ws, heads, q)
+    if mask is not None:
+        check_tensor(mask, "mask", ndim=3)
+        if mask.shape[1:] != (n, n) or mask.shape[0] < 1 or bw % mask.shape[0] != 0:
+            raise ValueError(f"mask must have shape (nW, {n}, {n}) with nW dividing B*nW={bw}, "
+                             f"got {tuple(mask.shape)}")
+        check_same({"q": q, "mask": mask}, dtype=False)
+    scale = hd**-0.5 if scale is None else float(scale)
+    name, _ = resolve_backend(backend, q.device, "window_attention")
+    if name == "torch":
+        return reference.window_attention(q, k, v, ws, bias_table, mask, scale)
+    for t, tn in ((q, "q"), (k, "k"), (v, "v"), (mask, "mask")):
+        if t is not None:
+            _check_unit_stride(t, tn, name)
+    return _fused("window_attention", "window_attention", name)(q, k, v, ws, bias_table, mask, scale)
+
+
+def shifted_window_attention(
+    qkv: torch.Tensor,
+    *,
+    num_heads: int,
+    window_size: int | tuple[int, int],
+    shift_size: int | tuple[int, int] = 0,
+    bias_table: torch.Tensor | None = None,
+    scale: float | None = None,
+    pad_qkv: torch.Tensor | None = None,
+    roll_before_pad: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """(Shifted-)window attention straight on the (B, H, W, 3C) map out of the qkv Linear.
+
+    Equal to: pad to a multiple of the window -> roll(-shift) -> partition -> attention with the
+    relative-position bias and the shift mask -> reverse -> roll(+shift) -> crop, but the fused backends
+    do the padding, roll, partition, mask and reverse by index arithmetic: no padded, rolled, partitioned
+    or mask tensor is materialised, and the output is written straight back to (B, H, W, C).
+
+    Args:
+        qkv: (B, H, W, 3C), last dim ordered (3, heads, head_dim) as ``nn.Linear(C, 3C)`` produces it.
+        num_heads: heads; C must be a multiple of it.
+        window_size, shift_size: int or (h, w); 0 <= shift < window.
+        bias_table: ((2Wh-1)(2Ww-1), heads).
+        scale: logit scale, default head_dim ** -0.5.
+        pad_qkv: (3C,) qkv of the padding tokens when H or W is not a multiple of the window (the qkv
+            Linear's bias: the map is zero-padded after LayerNorm); zeros when None. Padded tokens are
+            not masked; they take part in attention. Receives a gradient.
+        roll_before_pad: False = official Swin/EsViT order (pad, then roll on the padded map);
+            True = timm's order (roll the unpadded map, then pad).
+
+    Returns:
+        (B, H, W, C) in qkv's dtype.
+    """
+    check_tensor(qkv, "qkv", ndim=4)
+    ws, ss = _check_window(window_size, shift_size)
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    b, h, w, c3 = qkv.shape
+    if c3 % (3 * num_heads) != 0:
+        raise ValueError(f"qkv's last dim ({c3}) must be 3 * num_heads * head_dim with num_heads={num_heads}")
+    if min(b, h, w) < 1:
+        raise ValueError(f"qkv must be non-empty, got shape {tuple(qkv.shape)}")
+    _check_bias_table(bias_table, ws, num_heads, qkv)
+    if pad_qkv is not None:
+        check_tensor(pad_qkv, "pad_qkv", ndim=1)
+        if pad_qkv.shape[0] != c3:
+            raise ValueError(f"pad_qkv must have shape ({c3},), got {tuple(pad_qkv.shape)}")
+        check_same({"qkv": qkv, "pad_qkv": pad_qkv}, dtype=False)
+    hd = c3 // (3 * num_heads)
+    scale = hd**-0.5 if scale is None else float(scale)
+    name, _ = resolve_backend(backend, qkv.device, "shifted_window_attention")
+    if name == "torch":
+        return reference.shifted_window_attention(
+            qkv, num_heads, ws, ss, bias_table, scale, pad_qkv, roll_before_pad
+        )
+    _check_unit_stride(qkv, "qkv", name)
+    fn = _fused("window_attention", "shifted_window_attention", name)
+    return fn(qkv, num_heads, ws, ss, bias_table, scale, pad_qkv, bool(roll_before_pad))
+
+
+# ----------------------------------------------------------------------------------------- losses
+
+
+def region_match(
+    student_feats: torch.Tensor, teacher_feats: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """For each student region token, the index of the most cosine-similar teacher token.
+
+    student_feats (B, Ts, D), teacher_feats (B, Tt, D) -> LongTensor (B, Ts). Ties resolve to the lowest
+    teacher index. No gradient flows through the matching.
+    """
+    check_tensor(student_feats, "student_feats", ndim=3)
+    check_tensor(teacher_feats, "teacher_feats", ndim=3)
+    check_same({"student_feats": student_feats, "teacher_feats": teacher_feats}, dtype=False)
+    if student_feats.shape[0] != teacher_feats.shape[0] or student_feats.shape[2] != teacher_feats.shape[2]:
+        raise ValueError(f"student_feats (B, Ts, D) and teacher_feats (B, Tt, D) must agree on B and D, got "
+                         f"{tuple(student_feats.shape)} and {tuple(teacher_feats.shape)}")
+    name, _ = resolve_backend(backend, student_feats.device, "region_match")
+    if name == "torch":
+        return reference.region_match(student_feats.detach(), teacher_feats.detach())
+    return _fused("losses", "region_match", name)(student_feats.detach(), teacher_feats.detach())
+
+
+def _check_center(center: torch.Tensor, k: int, ref: torch.Tensor) -> None:
+    check_tensor(center, "center")
+    if center.numel() != k or center.dim() not in (1, 2) or (center.dim() == 2 and center.shape[0] != 1):
+        raise ValueError(f"center must have shape ({k},) or (1, {k}), got {tuple(center.shape)}")
+    check_same({"logits": ref, "center": center}, dtype=False)
+
+
+def region_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    match_index: torch.Tensor,
+    center: torch.Tensor,
+    *,
+    student_temp: float,
+    teacher_temp: float,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """EsViT's region loss L_R for one crop pair (scalar, gradient to the student logits only).
+
+    mean over (b, i) of -sum_k softmax((t[b, m[b, i]] - center) / teacher_temp)_k
+    * log_softmax(s[b, i] / student_temp)_k; student (B, Ts, K), teacher (B, Tt, K), match (B, Ts).
+    """
+    check_tensor(student_logits, "student_logits", ndim=3)
+    check_tensor(teacher_logits, "teacher_logits", ndim=3)
+    b, ts, k = student_logits.shape
+    if teacher_logits.shape[0] != b or teacher_logits.shape[2] != k:
+        raise ValueError(f"teacher_logits must be (B={b}, Tt, K={k}), got {tuple(teacher_logits.shape)}")
+    if not isinstance(match_index, torch.Tensor) or match_index.shape != (b, ts):
+        raise ValueError(f"match_index must be a tensor of shape (B, Ts) = {(b, ts)}")
+    if match_index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"match_index must be int64 or int32, got {match_index.dtype}")
+    check_same({"student_logits": student_logits, "teacher_logits": teacher_logits,
+                "match_index": match_index}, dtype=False)
+    _check_center(center, k, student_logits)
+    student_temp = check_temperature(student_temp, "student_temp")
+    teacher_temp = check_temperature(teacher_temp, "teacher_temp")
+    tt = teacher_logits.shape[1]
+    if match_index.numel() and (int(match_index.min()) < 0 or int(match_index.max()) >= tt):
+        raise ValueError(f"match_index values must lie in [0, Tt={tt}), got range "
+                         f"[{int(match_index.min())}, {int(match_index.max())}]")
+    name, _ = resolve_backend(backend, student_logits.device, "region_loss")
+    if name == "torch":
+        return reference.region_loss(student_logits, teacher_logits, match_index, center,
+                                     student_temp, teacher_temp)
+    return _fused("losses", "region_loss", name)(
+        student_logits, teacher_logits, match_index, center, student_temp, teacher_temp
+    )
+
+
+def dino_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    center: torch.Tensor,
+    *,
+    student_temp: float,
+    teacher_temp: float,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """EsViT/DINO view loss L_V: student (S, B, K) crops, teacher (T, B, K) global crops (the first T
+    student crops are the same views); mean over pairs (t, v != t) of the batch-mean cross-entropy."""
+    check_tensor(student_logits, "student_logits", ndim=3)
+    check_tensor(teacher_logits, "teacher_logits", ndim=3)
+    s, b, k = student_logits.shape
+    t = teacher_logits.shape[0]
+    if teacher_logits.shape[1:] != (b, k):
+        raise ValueError(f"teacher_logits must be (T, B={b}, K={k}), got {tuple(teacher_logits.shape)}")
+    if t < 1 or s < 1 or t * s - min(t, s) < 1:
+        raise ValueError(f"need at least one (teacher, student) pair with different crops, got T={t}, S={s}")
+    check_same({"student_logits": student_logits, "teacher_logits": teacher_logits}, dtype=False)
+    _check_center(center, k, student_logits)
+    student_temp = check_temperature(student_temp, "student_temp")
+    teacher_temp = check_temperature(teacher_temp, "teacher_temp")
+    name, _ = resolve_backend(backend, student_logits.device, "dino_loss")
+    if name == "torch":
+        return reference.dino_loss(student_logits, teacher_logits, center, student_temp, teacher_temp)
+    return _fused("losses", "dino_loss", name)(student_logits, teacher_logits, center, student_temp, teacher_temp)
+
+
+def multi_region_loss(
+    student_logits: Sequence[torch.Tensor],
+    student_feats: Sequence[torch.Tensor],
+    teacher_logits: torch.Tensor,
+    teacher_feats: torch.Tensor,
+    center: torch.Tensor,
+    *,
+    student_temp: float,
+    teacher_temp: float,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Region matching + L_R over every (teacher view t, student crop v != t) pair in few launches.
+
+    Args:
+        student_logits: groups of crops of equal resolution, in crop order, each (V_g, B, T_g, K)
+            (e.g. 2 global crops with T_g=49 and 8 local crops with T_g=9).
+        student_feats: the matching backbone region tokens, each (V_g, B, T_g, D).
+        teacher_logits: (T, B, Tt, K) region-head outputs of the teacher's views (= the first T crops).
+        teacher_feats: (T, B, Tt, D) teacher backbone region tokens.
+    Returns:
+        mean over the pairs of :func:`region_loss` with the :func:`region_match` matching.
+    """
+    check_tensor(teacher_logits, "teacher_logits", ndim=4)
+    check_tensor(teacher_feats, "teacher_feats", ndim=4)
+    t, b, tt, k = teacher_logits.shape
+    if teacher_feats.shape[:3] != (t, b, tt):
+        raise ValueError(f"teacher_feats must be (T={t}, B={b}, Tt={tt}, D), got {tuple(teacher_feats.shape)}")
+    d = teacher_feats.shape[3]
+    if len(student_logits) != len(student_feats) or not len(student_logits):
+        raise ValueError("student_logits and student_feats must be non-empty sequences of the same length")
+    for gi, (sl, sf) in enumerate(zip(student_logits, student_feats)):
+        check_tensor(sl, f"student_logits[{gi}]", ndim=4)
+        check_tensor(sf, f"student_feats[{gi}]", ndim=4)
+        if sl.shape[1] != b or sl.shape[3] != k or sf.shape[:3] != sl.shape[:3] or sf.shape[3] != d:
+            raise ValueError(f"group {gi}: student_logits must be (V, B={b}, T, K={k}) and student_feats "
+                             f"(V, B, T, D={d}), got {tuple(sl.shape)} and {tuple(sf.shape)}")
+        check_same({"teacher_logits": teacher_logits, f"student_logits[{gi}]": sl,
+                    f"student_feats[{gi}]": sf}, dtype=False)
+    n_crops = sum(sl.shape[0] for sl in student_logits)
+    if n_crops * t - min(n_crops, t) < 1:
+        raise ValueError("need at least one (teacher, student) pair with different crops")
+    _check_center(center, k, teacher_logits)
+    student_temp = check_temperature(student_temp, "student_temp")
+    teacher_temp = check_temperature(teacher_temp, "teacher_temp")
+    name, _ = resolve_backend(backend, teacher_logits.device, "multi_region_loss")
+    if name == "torch":
+        return reference.multi_region_loss(student_logits, student_feats, teacher_logits, teacher_feats,
+                                           center, student_temp, teacher_temp)
+    return _fused("losses", "multi_region_loss", name)(
+        list(student_logits), list(student_feats), teacher_logits, teacher_feats, center,
+        student_temp, teacher_temp,
+    )
