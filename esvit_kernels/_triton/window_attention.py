@@ -32,17 +32,20 @@ return garbage there); compiled GPU code keeps bf16 dots.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from ..backends import triton_interpreting
+from .aot import launch
 
 __all__ = ["swa_forward", "swa_backward", "wa_forward", "wa_backward", "tile_config"]
 
-LOG2E = 1.4426950408889634
-NEG = -1.0e30  # "minus infinity" for pairs that must not interact (other window, padded tile row)
+# module constants read inside @triton.jit functions must be constexpr for the compiler
+LOG2E = tl.constexpr(1.4426950408889634)
+NEG = tl.constexpr(-1.0e30)  # "minus infinity" for pairs that must not interact (other window, padding)
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -114,29 +117,44 @@ def _load_tok(ptr, off, d, inmap, ispad, pad_ptr, HD: tl.constexpr, HAS_PAD: tl.
 
 
 @triton.jit
-def _logits(
-    q, k, h, qw, qn, qvalid, qlab, kw, kn, kvalid, klab, scale, bias_ptr, bias_st, bias_sh,
-    mask_ptr, m_sw, m_si, n_mask_win,
-    WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, LAYOUT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, IS_F32: tl.constexpr,
+def _bias_block(
+    h, rr, rc, bias_ptr, bias_st, bias_sh, N: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ROWS_ARE_KEYS: tl.constexpr,
 ):
-    """(rows, keys) fp32 logits: q k^T * scale + bias[rel(i, j)] + mask, NEG across windows/padding."""
-    s = _dot(q, tl.trans(k), DOT_F32, IS_F32) * scale
-    same = (qw[:, None] == kw[None, :]) & kvalid[None, :] & qvalid[:, None]
+    """bias[rel(query, key)] for tile rows rr x tile columns rc lying in the same window of the tile, NEG
+    across windows. It depends only on the head and the positions inside the tile, so a program computes
+    it once and reuses it for every tile it handles (the gather leaves the inner loop)."""
+    gr = rr // N
+    gc = rc // N
+    blk = gr[:, None] == gc[None, :]
     if HAS_BIAS:
-        ri = qn // WW
-        rj = kn // WW
-        idx = (ri[:, None] - rj[None, :] + (WH - 1)) * (2 * WW - 1) + (
-            (qn - ri * WW)[:, None] - (kn - rj * WW)[None, :] + (WW - 1)
-        )
-        s += tl.load(bias_ptr + idx * bias_st + h * bias_sh, mask=same, other=0.0).to(tl.float32)
+        if ROWS_ARE_KEYS:
+            nq = (rc - gc * N)[None, :]
+            nk = (rr - gr * N)[:, None]
+        else:
+            nq = (rr - gr * N)[:, None]
+            nk = (rc - gc * N)[None, :]
+        rq = nq // WW
+        rk = nk // WW
+        idx = (rq - rk + (WH - 1)) * (2 * WW - 1) + (nq - rq * WW) - (nk - rk * WW) + (WW - 1)
+        b = tl.load(bias_ptr + idx * bias_st + h * bias_sh, mask=blk, other=0.0).to(tl.float32)
+    else:
+        b = blk.to(tl.float32) * 0.0
+    return tl.where(blk, b, NEG)
+
+
+@triton.jit
+def _scores(
+    a, b, bias_blk, same, lab_r, lab_c, mask_ptr, m_r, m_c, scale, SH: tl.constexpr, SW: tl.constexpr,
+    LAYOUT: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, IS_F32: tl.constexpr,
+):
+    """fp32 logits a b^T * scale + bias (+ the user's mask, or the shift mask from region labels), NEG for
+    pairs that must not interact. Rows are queries (a = q) or keys (a = k, the transposed logits)."""
+    s = _dot(a, tl.trans(b), DOT_F32, IS_F32) * scale + bias_blk
     if HAS_MASK:
-        mw = (qw % n_mask_win).to(tl.int64)
-        s += tl.load(
-            mask_ptr + mw[:, None] * m_sw + qn[:, None] * m_si + kn[None, :], mask=same, other=0.0
-        ).to(tl.float32)
+        s += tl.load(mask_ptr + m_r[:, None] + m_c[None, :], mask=same, other=0.0).to(tl.float32)
     if LAYOUT == 1 and (SH > 0 or SW > 0):
-        s += tl.where(qlab[:, None] != klab[None, :], -100.0, 0.0)
+        s += tl.where(lab_r[:, None] != lab_c[None, :], -100.0, 0.0)
     return tl.where(same, s, NEG)
 
 
@@ -146,72 +164,161 @@ def _logits(
 @triton.jit
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, pad_ptr, out_ptr, lse_ptr,
-    NW_TOT, n_win, n_ww, H, W, HP, WP, C,
-    s_b, s_h, s_y, s_x, o_sb, o_sy, o_sx, bias_st, bias_sh, m_sw, m_si, n_mask_win, scale,
-    HEADS: tl.constexpr, N: tl.constexpr, G: tl.constexpr, TILE: tl.constexpr, BM: tl.constexpr,
-    HD: tl.constexpr, HD_PAD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
-    SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, DOT_F32: tl.constexpr, IS_F32: tl.constexpr,
-):
-    tile = tl.program_id(0)
-    h = tl.program_id(1)
-    tq = tl.program_id(2) * BM + tl.arange(0, BM)
-    tk = tl.arange(0, TILE)
-    d = tl.arange(0, HD_PAD)
-    qw, qn, qvalid, qin, qoff, qoo, qlab = _rows(
-        tile, tq, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
-        G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
-    kw, kn, kvalid, kin, koff, _, klab = _rows(
-        tile, tk, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
-        G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
-    hoff = h * s_h
-    q = _load_tok(q_ptr + hoff, qoff, d, qin, qvalid & ~qin, pad_ptr + h * HD, HD, HAS_PAD)
-    k = _load_tok(k_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + C + h * HD, HD, HAS_PAD)
-    v = _load_tok(v_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + 2 * C + h * HD, HD, HAS_PAD)
-    s = _logits(q, k, h, qw, qn, qvalid, qlab, kw, kn, kvalid, klab, scale, bias_ptr, bias_st, bias_sh,
-                mask_ptr, m_sw, m_si, n_mask_win, WH, WW, SH, SW, LAYOUT, HAS_BIAS, HAS_MASK, DOT_F32, IS_F32)
-    m = tl.max(s, 1)
-    p = tl.exp2((s - m[:, None]) * LOG2E)
-    l = tl.sum(p, 1)
-    o = _dot(p.to(v.dtype), v, DOT_F32, IS_F32) / l[:, None]
-    tl.store(out_ptr + h * HD + qoo[:, None] + d[None, :], o.to(out_ptr.dtype.element_ty),
-             mask=qin[:, None] & (d < HD)[None, :])
-    tl.store(lse_ptr + (qw.to(tl.int64) * HEADS + h) * N + qn, m + tl.log(l), mask=qvalid)
-
-
-# ----------------------------------------------------------------------------------------- backward
-
-
-@triton.jit
-def _bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, pad_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dbias_part_ptr, dpad_part_ptr,
     NW_TOT, n_win, n_ww, H, W, HP, WP, C, tiles_per_prog,
     s_b, s_h, s_y, s_x, o_sb, o_sy, o_sx, bias_st, bias_sh, m_sw, m_si, n_mask_win, scale,
     HEADS: tl.constexpr, N: tl.constexpr, G: tl.constexpr, TILE: tl.constexpr, BM: tl.constexpr,
     HD: tl.constexpr, HD_PAD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
     SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_DPAD: tl.constexpr,
-    FUSED: tl.constexpr, DOT_F32: tl.constexpr, IS_F32: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, DOT_F32: tl.constexpr, IS_F32: tl.constexpr,
+    PRE_BIAS: tl.constexpr,
 ):
-    """dQ for one query block (and, when the tile is one block, dK and dV too) over a chunk of tiles."""
+    """Attention of one query block of a chunk of tiles for one head; writes out and the row lse."""
     chunk = tl.program_id(0)
     h = tl.program_id(1)
-    qb = tl.program_id(2)
-    tq = qb * BM + tl.arange(0, BM)
+    tq = tl.program_id(2) * BM + tl.arange(0, BM)
     tk = tl.arange(0, TILE)
+    d = tl.arange(0, HD_PAD)
+    hoff = h * s_h
+    if PRE_BIAS:  # small tiles: the bias block stays in registers across the tile loop
+        bias_pre = _bias_block(h, tq, tk, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, False)
+    for it in range(0, tiles_per_prog):
+        tile = chunk * tiles_per_prog + it
+        if PRE_BIAS:
+            bias_blk = bias_pre
+        else:
+            bias_blk = _bias_block(h, tq, tk, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, False)
+        qw, qn, qvalid, qin, qoff, qoo, qlab = _rows(
+            tile, tq, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
+            G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
+        kw, kn, kvalid, kin, koff, _, klab = _rows(
+            tile, tk, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
+            G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
+        q = _load_tok(q_ptr + hoff, qoff, d, qin, qvalid & ~qin, pad_ptr + h * HD, HD, HAS_PAD)
+        k = _load_tok(k_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + C + h * HD, HD, HAS_PAD)
+        v = _load_tok(v_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + 2 * C + h * HD, HD, HAS_PAD)
+        same = (qw[:, None] == kw[None, :]) & qvalid[:, None] & kvalid[None, :]
+        m_r = (qw % n_mask_win).to(tl.int64) * m_sw + qn * m_si
+        s = _scores(q, k, bias_blk, same, qlab, klab, mask_ptr, m_r, kn, scale, SH, SW, LAYOUT, HAS_MASK,
+                    DOT_F32, IS_F32)
+        m = tl.max(s, 1)
+        p = tl.exp2((s - m[:, None]) * LOG2E)
+        l = tl.sum(p, 1)
+        o = _dot(p.to(v.dtype), v, DOT_F32, IS_F32) / l[:, None]
+        tl.store(out_ptr + h * HD + qoo[:, None] + d[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=qin[:, None] & (d < HD)[None, :])
+        tl.store(lse_ptr + (qw.to(tl.int64) * HEADS + h) * N + qn, m + tl.log(l), mask=qvalid)
+
+
+# ----------------------------------------------------------------------------------------- backward
+# Gradient buffers: windows layout -> addressed like the output; map layout -> like the qkv map.
+
+
+@triton.jit
+def _bwd_fused_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, pad_ptr, out_ptr, dout_ptr, lse_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dbias_part_ptr, dpad_part_ptr,
+    NW_TOT, n_win, n_ww, H, W, HP, WP, C, tiles_per_prog,
+    s_b, s_h, s_y, s_x, o_sb, o_sy, o_sx, bias_st, bias_sh, m_sw, m_si, n_mask_win, scale,
+    HEADS: tl.constexpr, N: tl.constexpr, G: tl.constexpr, TILE: tl.constexpr,
+    HD: tl.constexpr, HD_PAD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
+    SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_DPAD: tl.constexpr,
+    DOT_F32: tl.constexpr, IS_F32: tl.constexpr, PRE_BIAS: tl.constexpr,
+):
+    """dQ, dK, dV of whole tiles (one block of TILE rows) for a chunk of tiles and one head. Works on the
+    transposed logits (keys as rows) so only dQ needs a transpose; sums dS over the chunk for dbias."""
+    chunk = tl.program_id(0)
+    h = tl.program_id(1)
+    t = tl.arange(0, TILE)
     d = tl.arange(0, HD_PAD)
     dmask = (d < HD)[None, :]
     hoff = h * s_h
-    acc_ds = tl.zeros((BM, TILE), dtype=tl.float32)
+    if PRE_BIAS:  # small tiles: the bias block stays in registers across the tile loop
+        bias_pre = _bias_block(h, t, t, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, True)
+    acc_dst = tl.zeros((TILE, TILE), dtype=tl.float32)  # acc_dst[j, i] = sum over windows of dS[i, j]
     pad_dk = tl.zeros((HD_PAD,), dtype=tl.float32)
     pad_dv = tl.zeros((HD_PAD,), dtype=tl.float32)
     for it in range(0, tiles_per_prog):
         tile = chunk * tiles_per_prog + it
+        if PRE_BIAS:
+            bias_t = bias_pre
+        else:
+            bias_t = _bias_block(h, t, t, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, True)
+        w, n, valid, inmap, off, ooff, lab = _rows(
+            tile, t, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
+            G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
+        ispad = valid & ~inmap
+        q = _load_tok(q_ptr + hoff, off, d, inmap, ispad, pad_ptr + h * HD, HD, HAS_PAD)
+        k = _load_tok(k_ptr + hoff, off, d, inmap, ispad, pad_ptr + C + h * HD, HD, HAS_PAD)
+        v = _load_tok(v_ptr + hoff, off, d, inmap, ispad, pad_ptr + 2 * C + h * HD, HD, HAS_PAD)
+        omask = inmap[:, None] & dmask
+        do = tl.load(dout_ptr + h * HD + ooff[:, None] + d[None, :], mask=omask, other=0.0)
+        o = tl.load(out_ptr + h * HD + ooff[:, None] + d[None, :], mask=omask, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        lse = tl.load(lse_ptr + (w.to(tl.int64) * HEADS + h) * N + n, mask=valid, other=0.0)
+        same = (w[:, None] == w[None, :]) & valid[:, None] & valid[None, :]
+        m_c = (w % n_mask_win).to(tl.int64) * m_sw + n * m_si
+        st = _scores(k, q, bias_t, same, lab, lab, mask_ptr, n, m_c, scale, SH, SW, LAYOUT, HAS_MASK,
+                     DOT_F32, IS_F32)
+        pt = tl.exp2((st - lse[None, :]) * LOG2E)
+        dv = _dot(pt.to(do.dtype), do, DOT_F32, IS_F32)
+        dpt = _dot(v, tl.trans(do), DOT_F32, IS_F32)
+        dst = pt * (dpt - delta[None, :])
+        dst_lp = dst.to(q.dtype)
+        dk = _dot(dst_lp, q, DOT_F32, IS_F32) * scale
+        dq = _dot(tl.trans(dst_lp), k, DOT_F32, IS_F32) * scale
+        g = ooff if LAYOUT == 0 else off
+        gptr = h * HD + g[:, None] + d[None, :]
+        tl.store(dq_ptr + gptr, dq.to(dq_ptr.dtype.element_ty), mask=omask)
+        tl.store(dk_ptr + gptr, dk.to(dk_ptr.dtype.element_ty), mask=omask)
+        tl.store(dv_ptr + gptr, dv.to(dv_ptr.dtype.element_ty), mask=omask)
+        if NEED_DBIAS:
+            acc_dst += dst
+        if NEED_DPAD:
+            pad_dk += tl.sum(tl.where(ispad[:, None], dk, 0.0), 0)
+            pad_dv += tl.sum(tl.where(ispad[:, None], dv, 0.0), 0)
+    prog = chunk * HEADS + h
+    if NEED_DBIAS:
+        tl.store(dbias_part_ptr + (prog.to(tl.int64) * TILE + t[None, :]) * TILE + t[:, None], acc_dst)
+    if NEED_DPAD:
+        tl.store(dpad_part_ptr + prog * 2 * HD_PAD + d, pad_dk)
+        tl.store(dpad_part_ptr + prog * 2 * HD_PAD + HD_PAD + d, pad_dv)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, pad_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr,
+    dq_ptr, dbias_part_ptr,
+    NW_TOT, n_win, n_ww, H, W, HP, WP, C, tiles_per_prog,
+    s_b, s_h, s_y, s_x, o_sb, o_sy, o_sx, bias_st, bias_sh, m_sw, m_si, n_mask_win, scale,
+    HEADS: tl.constexpr, N: tl.constexpr, G: tl.constexpr, TILE: tl.constexpr, BM: tl.constexpr,
+    HD: tl.constexpr, HD_PAD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
+    SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, NEED_DBIAS: tl.constexpr, DOT_F32: tl.constexpr,
+    IS_F32: tl.constexpr, PRE_BIAS: tl.constexpr,
+):
+    """Split backward, part 1: dQ of one query block against all keys of the tile; stores delta =
+    rowsum(dO * O) for part 2 and sums dS over the chunk for dbias."""
+    chunk = tl.program_id(0)
+    h = tl.program_id(1)
+    tq = tl.program_id(2) * BM + tl.arange(0, BM)
+    tk = tl.arange(0, TILE)
+    d = tl.arange(0, HD_PAD)
+    dmask = (d < HD)[None, :]
+    hoff = h * s_h
+    if PRE_BIAS:  # small tiles: the bias block stays in registers across the tile loop
+        bias_pre = _bias_block(h, tq, tk, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, False)
+    acc_ds = tl.zeros((BM, TILE), dtype=tl.float32)
+    for it in range(0, tiles_per_prog):
+        tile = chunk * tiles_per_prog + it
+        if PRE_BIAS:
+            bias_blk = bias_pre
+        else:
+            bias_blk = _bias_block(h, tq, tk, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, False)
         qw, qn, qvalid, qin, qoff, qoo, qlab = _rows(
             tile, tq, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
             G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
-        kw, kn, kvalid, kin, koff, koo, klab = _rows(
+        kw, kn, kvalid, kin, koff, _, klab = _rows(
             tile, tk, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
             G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
         q = _load_tok(q_ptr + hoff, qoff, d, qin, qvalid & ~qin, pad_ptr + h * HD, HD, HAS_PAD)
@@ -223,38 +330,22 @@ def _bwd_dq_kernel(
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         lse_off = (qw.to(tl.int64) * HEADS + h) * N + qn
         lse = tl.load(lse_ptr + lse_off, mask=qvalid, other=0.0)
-        s = _logits(q, k, h, qw, qn, qvalid, qlab, kw, kn, kvalid, klab, scale, bias_ptr, bias_st, bias_sh,
-                    mask_ptr, m_sw, m_si, n_mask_win, WH, WW, SH, SW, LAYOUT, HAS_BIAS, HAS_MASK,
+        same = (qw[:, None] == kw[None, :]) & qvalid[:, None] & kvalid[None, :]
+        m_r = (qw % n_mask_win).to(tl.int64) * m_sw + qn * m_si
+        s = _scores(q, k, bias_blk, same, qlab, klab, mask_ptr, m_r, kn, scale, SH, SW, LAYOUT, HAS_MASK,
                     DOT_F32, IS_F32)
         p = tl.exp2((s - lse[:, None]) * LOG2E)
         dp = _dot(do, tl.trans(v), DOT_F32, IS_F32)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, DOT_F32, IS_F32) * scale
-        # grads: windows layout -> output layout offsets; map layout -> the qkv map's offsets
-        gq = qoo if LAYOUT == 0 else qoff
-        tl.store(dq_ptr + h * HD + gq[:, None] + d[None, :], dq.to(dq_ptr.dtype.element_ty),
-                 mask=qin[:, None] & dmask)
+        g = qoo if LAYOUT == 0 else qoff
+        tl.store(dq_ptr + h * HD + g[:, None] + d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=omask)
+        tl.store(delta_ptr + lse_off, delta, mask=qvalid)
         if NEED_DBIAS:
             acc_ds += ds
-        if FUSED:
-            dv = _dot(tl.trans(p).to(do.dtype), do, DOT_F32, IS_F32)
-            dk = _dot(tl.trans(ds).to(q.dtype), q, DOT_F32, IS_F32) * scale
-            gk = koo if LAYOUT == 0 else koff
-            kmask = kin[:, None] & dmask
-            tl.store(dk_ptr + h * HD + gk[:, None] + d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kmask)
-            tl.store(dv_ptr + h * HD + gk[:, None] + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kmask)
-            if NEED_DPAD:
-                kpad = (kvalid & ~kin)[:, None]
-                pad_dk += tl.sum(tl.where(kpad, dk, 0.0), 0)
-                pad_dv += tl.sum(tl.where(kpad, dv, 0.0), 0)
-        else:
-            tl.store(delta_ptr + lse_off, delta, mask=qvalid)
-    prog = chunk * HEADS + h
     if NEED_DBIAS:
+        prog = chunk * HEADS + h
         tl.store(dbias_part_ptr + (prog.to(tl.int64) * TILE + tq[:, None]) * TILE + tk[None, :], acc_ds)
-    if FUSED and NEED_DPAD:
-        tl.store(dpad_part_ptr + prog * 2 * HD_PAD + d, pad_dk)
-        tl.store(dpad_part_ptr + prog * 2 * HD_PAD + HD_PAD + d, pad_dv)
 
 
 @triton.jit
@@ -267,9 +358,9 @@ def _bwd_dkv_kernel(
     HD: tl.constexpr, HD_PAD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
     SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, NEED_DPAD: tl.constexpr, DOT_F32: tl.constexpr,
-    IS_F32: tl.constexpr,
+    IS_F32: tl.constexpr, PRE_BIAS: tl.constexpr,
 ):
-    """dK, dV for one key block against all queries of the tile (large windows only)."""
+    """Split backward, part 2: dK, dV of one key block against all queries of the tile (transposed)."""
     chunk = tl.program_id(0)
     h = tl.program_id(1)
     kb = tl.program_id(2)
@@ -278,10 +369,16 @@ def _bwd_dkv_kernel(
     d = tl.arange(0, HD_PAD)
     dmask = (d < HD)[None, :]
     hoff = h * s_h
+    if PRE_BIAS:  # small tiles: the bias block stays in registers across the tile loop
+        bias_pre = _bias_block(h, tk, tq, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, True)
     pad_dk = tl.zeros((HD_PAD,), dtype=tl.float32)
     pad_dv = tl.zeros((HD_PAD,), dtype=tl.float32)
     for it in range(0, tiles_per_prog):
         tile = chunk * tiles_per_prog + it
+        if PRE_BIAS:
+            bias_t = bias_pre
+        else:
+            bias_t = _bias_block(h, tk, tq, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, True)
         qw, qn, qvalid, qin, qoff, qoo, qlab = _rows(
             tile, tq, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
             G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
@@ -289,41 +386,29 @@ def _bwd_dkv_kernel(
             tile, tk, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
             G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
         q = _load_tok(q_ptr + hoff, qoff, d, qin, qvalid & ~qin, pad_ptr + h * HD, HD, HAS_PAD)
-        k = _load_tok(k_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + C + h * HD, HD, HAS_PAD)
-        v = _load_tok(v_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + 2 * C + h * HD, HD, HAS_PAD)
+        kpad = kvalid & ~kin
+        k = _load_tok(k_ptr + hoff, koff, d, kin, kpad, pad_ptr + C + h * HD, HD, HAS_PAD)
+        v = _load_tok(v_ptr + hoff, koff, d, kin, kpad, pad_ptr + 2 * C + h * HD, HD, HAS_PAD)
         do = tl.load(dout_ptr + h * HD + qoo[:, None] + d[None, :], mask=qin[:, None] & dmask, other=0.0)
         lse_off = (qw.to(tl.int64) * HEADS + h) * N + qn
         lse = tl.load(lse_ptr + lse_off, mask=qvalid, other=0.0)
         delta = tl.load(delta_ptr + lse_off, mask=qvalid, other=0.0)
-        # transposed logits: rows = keys of this block, columns = all queries of the tile
-        st = _logits(k, q, h, kw, kn, kvalid, klab, qw, qn, qvalid, qlab, scale, bias_ptr, bias_st, bias_sh,
-                     mask_ptr, m_sw, m_si, n_mask_win, WH, WW, SH, SW, LAYOUT, False, False, DOT_F32, IS_F32)
-        if HAS_BIAS:  # bias[rel(query, key)]: the query is the column here
-            same = (qw[None, :] == kw[:, None]) & kvalid[:, None] & qvalid[None, :]
-            ri = qn // WW
-            rj = kn // WW
-            idx = (ri[None, :] - rj[:, None] + (WH - 1)) * (2 * WW - 1) + (
-                (qn - ri * WW)[None, :] - (kn - rj * WW)[:, None] + (WW - 1)
-            )
-            st += tl.load(bias_ptr + idx * bias_st + h * bias_sh, mask=same, other=0.0).to(tl.float32)
-        if HAS_MASK:
-            same = (qw[None, :] == kw[:, None]) & kvalid[:, None] & qvalid[None, :]
-            mw = (qw % n_mask_win).to(tl.int64)
-            st += tl.load(mask_ptr + mw[None, :] * m_sw + qn[None, :] * m_si + kn[:, None], mask=same,
-                          other=0.0).to(tl.float32)
+        same = (kw[:, None] == qw[None, :]) & kvalid[:, None] & qvalid[None, :]
+        m_c = (qw % n_mask_win).to(tl.int64) * m_sw + qn * m_si
+        st = _scores(k, q, bias_t, same, klab, qlab, mask_ptr, kn, m_c, scale, SH, SW, LAYOUT, HAS_MASK,
+                     DOT_F32, IS_F32)
         pt = tl.exp2((st - lse[None, :]) * LOG2E)
         dv = _dot(pt.to(do.dtype), do, DOT_F32, IS_F32)
         dpt = _dot(v, tl.trans(do), DOT_F32, IS_F32)
         dst = pt * (dpt - delta[None, :])
         dk = _dot(dst.to(q.dtype), q, DOT_F32, IS_F32) * scale
-        gk = koo if LAYOUT == 0 else koff
+        g = koo if LAYOUT == 0 else koff
         kmask = kin[:, None] & dmask
-        tl.store(dk_ptr + h * HD + gk[:, None] + d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kmask)
-        tl.store(dv_ptr + h * HD + gk[:, None] + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kmask)
+        tl.store(dk_ptr + h * HD + g[:, None] + d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kmask)
+        tl.store(dv_ptr + h * HD + g[:, None] + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kmask)
         if NEED_DPAD:
-            kpad = (kvalid & ~kin)[:, None]
-            pad_dk += tl.sum(tl.where(kpad, dk, 0.0), 0)
-            pad_dv += tl.sum(tl.where(kpad, dv, 0.0), 0)
+            pad_dk += tl.sum(tl.where(kpad[:, None], dk, 0.0), 0)
+            pad_dv += tl.sum(tl.where(kpad[:, None], dv, 0.0), 0)
     if NEED_DPAD:
         prog = (chunk * HEADS + h) * tl.num_programs(2) + kb
         tl.store(dpad_part_ptr + prog * 2 * HD_PAD + d, pad_dk)
@@ -338,32 +423,52 @@ def _next_pow2(x: int) -> int:
 
 
 @functools.cache
-def tile_config(window: tuple[int, int], head_dim: int) -> dict:
-    """Tile geometry for a window: tokens N, windows per tile G, TILE, query/key block sizes, warps."""
+def tile_config(window: tuple[int, int], head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Tile geometry for a window: tokens N, windows per tile G, TILE, block sizes, fused backward or not.
+
+    Register/shared-memory budgets were checked statically for sm_80/sm_90 with
+    ``python -m esvit_kernels._triton.aot`` (no spills; shared memory under the A100 limit); block sizes
+    and warps are not yet tuned on a GPU.
+    """
     n = window[0] * window[1]
     tile = max(16, _next_pow2(n))
     if tile < 64:  # small windows: pack several whole windows into one 64-row tile
         tile = 64
     g = tile // n if 2 * n <= tile else 1
-    fused = tile <= 64
+    hd_pad = max(16, _next_pow2(head_dim))
+    # fp32 takes exact (FMA) dots, register- and shared-memory-hungry, and head dims > 32 hold too many
+    # operands for the fused backward: those use the split backward with small blocks
+    fused = tile <= 64 and dtype != torch.float32 and hd_pad <= 32
+    small = tile if fused else 16
     return {
-        "N": n, "G": g, "TILE": tile,
-        "BM_FWD": tile if tile <= 64 else 64,
-        "BM_BWD": tile if fused else 32,
-        "BN_BWD": 32,
-        "FUSED": fused,
-        "HD_PAD": max(16, _next_pow2(head_dim)),
-        "WARPS": 4 if tile <= 64 else 8,
+        "N": n, "G": g, "TILE": tile, "FUSED": fused,
+        "BM_FWD": tile if tile <= 64 and dtype != torch.float32 else 16,
+        "BM_BWD": small, "BN_BWD": small,
+        "PRE_BIAS": tile <= 64,
+        "HD_PAD": hd_pad,
+        "WARPS": 8,
+        "WARPS_BWD": 8,
+        # software pipelining depth: the fused backward is compute-heavy per tile, so it gets 1 stage
+        # (no spills, 20 KB shared on sm_90); the forward gets 2
+        "STAGES": 2,
+        "STAGES_BWD": 1 if fused else 2,
     }
 
 
-def _num_chunks(n_tiles: int, heads: int, blocks: int, device: torch.device) -> int:
-    """Programs per head-and-block for the backward: a few waves of the GPU, each looping over tiles."""
+def _num_chunks(n_tiles: int, programs_per_chunk: int, device: torch.device, waves: int) -> int:
+    """How many chunks of tiles: about ``waves`` programs per SM on a GPU, each looping over its tiles
+    (so the per-program bias block and dbias sum are amortised); 4 on the CPU interpreter."""
     if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = waves * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 4
-    return max(1, min(n_tiles, -(-target // (heads * blocks))))
+    return max(1, min(n_tiles, -(-target // programs_per_chunk)))
+
+
+def _chunking(n_tiles: int, programs_per_chunk: int, device: torch.device, waves: int) -> tuple[int, int]:
+    chunks = _num_chunks(n_tiles, programs_per_chunk, device, waves)
+    tpp = -(-n_tiles // chunks)
+    return -(-n_tiles // tpp), tpp
 
 
 @functools.cache
@@ -382,28 +487,19 @@ def _bias_gather_index(window: tuple[int, int], g: int, tile: int, device_str: s
     order = torch.argsort(rel, stable=True)
     rel, pos = rel[order], pos[order]
     counts = torch.bincount(rel, minlength=t_entries)
-    maxc = int(counts.max())
-    idx = torch.full((t_entries, maxc), tile * tile, dtype=torch.long)
+    idx = torch.full((t_entries, int(counts.max())), tile * tile, dtype=torch.long)
     start = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(rel.numel()) - start[rel]
-    idx[rel, slot] = pos
+    idx[rel, torch.arange(rel.numel()) - start[rel]] = pos
     return idx.to(device_str)
 
 
 def _reduce_dbias(part: torch.Tensor, window, g: int, tile: int) -> torch.Tensor:
-    """(programs, heads, TILE, TILE) per-program dS sums -> (T, heads) table gradient, deterministic."""
+    """(chunks, heads, TILE, TILE) per-program dS sums -> (T, heads) table gradient, deterministic."""
     heads = part.shape[1]
     flat = part.sum(0).reshape(heads, tile * tile)
     flat = torch.cat([flat, flat.new_zeros(heads, 1)], 1)
     idx = _bias_gather_index(tuple(window), g, tile, str(part.device))
     return flat[:, idx].sum(-1).t().contiguous()
-
-
-def _common(dtype: torch.dtype) -> dict:
-    return {
-        "DOT_F32": triton_interpreting() and dtype == torch.bfloat16,
-        "IS_F32": dtype == torch.float32,
-    }
 
 
 def _bias_args(bias_table, dummy):
@@ -412,98 +508,129 @@ def _bias_args(bias_table, dummy):
     return bias_table, bias_table.stride(0), bias_table.stride(1)
 
 
-def _map_geometry(qkv, num_heads, window, shift):
+@dataclass
+class _Problem:
+    """Everything the kernels need to address one call: layout, geometry, strides, optional tensors."""
+
+    layout: int  # 0 = windows, 1 = map
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    heads: int
+    hd: int
+    window: tuple[int, int]
+    shift: tuple[int, int]
+    scale: float
+    nw_tot: int
+    geo: tuple  # n_win, n_ww, H, W, HP, WP, C
+    in_strides: tuple  # s_b, s_h, s_y, s_x
+    out_strides: tuple  # o_sb, o_sy, o_sx
+    bias_table: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    pad: torch.Tensor | None = None
+    roll_before_pad: bool = False
+
+    @property
+    def cfg(self) -> dict:
+        return tile_config(tuple(self.window), self.hd, self.q.dtype)
+
+    @property
+    def n_tiles(self) -> int:
+        return -(-self.nw_tot // self.cfg["G"])
+
+    def args(self, tiles_per_prog: int) -> tuple:
+        bias, bst, bsh = _bias_args(self.bias_table, self.q)
+        m = self.mask
+        m_args = (m.stride(0), m.stride(1), m.shape[0]) if m is not None else (0, 0, 1)
+        return (self.nw_tot, *self.geo, tiles_per_prog, *self.in_strides, *self.out_strides, bst, bsh, *m_args,
+                self.scale)
+
+    def ptrs(self) -> tuple:
+        q = self.q
+        return (q, self.k, self.v, _bias_args(self.bias_table, q)[0], self.mask if self.mask is not None else q,
+                self.pad if self.pad is not None else q)
+
+    def consts(self, **extra) -> dict:
+        cfg = self.cfg
+        return dict(
+            HEADS=self.heads, N=cfg["N"], G=cfg["G"], TILE=cfg["TILE"], HD=self.hd, HD_PAD=cfg["HD_PAD"],
+            WH=self.window[0], WW=self.window[1], SH=self.shift[0], SW=self.shift[1], LAYOUT=self.layout,
+            ROLL_BEFORE_PAD=bool(self.roll_before_pad), HAS_BIAS=self.bias_table is not None,
+            HAS_MASK=self.mask is not None, HAS_PAD=self.pad is not None,
+            DOT_F32=triton_interpreting() and self.q.dtype == torch.bfloat16,
+            IS_F32=self.q.dtype == torch.float32, PRE_BIAS=cfg["PRE_BIAS"], **extra,
+        )
+
+
+def _forward(pb: _Problem, out: torch.Tensor, lse: torch.Tensor) -> None:
+    cfg = pb.cfg
+    nq = cfg["TILE"] // cfg["BM_FWD"]
+    chunks, tpp = _chunking(pb.n_tiles, pb.heads * nq, pb.q.device, waves=8)
+    launch(_fwd_kernel, (chunks, pb.heads, nq), *pb.ptrs(), out, lse, *pb.args(tpp),
+           BM=cfg["BM_FWD"], num_warps=cfg["WARPS"], num_stages=cfg["STAGES"], **pb.consts())
+
+
+def _backward(pb: _Problem, out, dout, lse, dq, dk, dv, need_dbias: bool, need_dpad: bool):
+    """Returns (dbias (T, heads) fp32 or empty, (heads, 2, hd) dK/dV sums over padding tokens or None)."""
+    cfg = pb.cfg
+    dev, f32 = pb.q.device, torch.float32
+    need_dbias = need_dbias and pb.bias_table is not None
+    need_dpad = need_dpad and pb.pad is not None
+    nq = 1 if cfg["FUSED"] else cfg["TILE"] // cfg["BM_BWD"]
+    nk = 1 if cfg["FUSED"] else cfg["TILE"] // cfg["BN_BWD"]
+    chunks, tpp = _chunking(pb.n_tiles, pb.heads * max(nq, nk), dev, waves=2)
+    tile = cfg["TILE"]
+    dbias_part = torch.empty(chunks, pb.heads, tile, tile, device=dev, dtype=f32) if need_dbias else lse
+    dpad_part = torch.empty(chunks * pb.heads * nk, 2, cfg["HD_PAD"], device=dev, dtype=f32) if need_dpad else lse
+    consts = pb.consts(NEED_DPAD=need_dpad, num_warps=cfg["WARPS_BWD"], num_stages=cfg["STAGES_BWD"])
+    if cfg["FUSED"]:
+        launch(_bwd_fused_kernel, (chunks, pb.heads), *pb.ptrs(), out, dout, lse, dq, dk, dv, dbias_part,
+               dpad_part, *pb.args(tpp), NEED_DBIAS=need_dbias, **consts)
+    else:
+        delta = torch.empty_like(lse)
+        consts.pop("NEED_DPAD")
+        launch(_bwd_dq_kernel, (chunks, pb.heads, nq), *pb.ptrs(), out, dout, lse, delta, dq, dbias_part,
+               *pb.args(tpp), BM=cfg["BM_BWD"], NEED_DBIAS=need_dbias, **consts)
+        launch(_bwd_dkv_kernel, (chunks, pb.heads, nk), *pb.ptrs(), dout, lse, delta, dk, dv, dpad_part,
+               *pb.args(tpp), BN=cfg["BN_BWD"], NEED_DPAD=need_dpad, **consts)
+    dbias = _reduce_dbias(dbias_part, pb.window, cfg["G"], tile) if need_dbias else lse.new_empty(0)
+    dpad = (dpad_part.view(chunks, pb.heads, nk, 2, cfg["HD_PAD"]).sum((0, 2))[..., :pb.hd]
+            if need_dpad else None)
+    return dbias, dpad
+
+
+def _map_problem(qkv, bias_table, pad_qkv, num_heads, window, shift, scale, roll_before_pad, out) -> _Problem:
     b, h, w, c3 = qkv.shape
     c = c3 // 3
     wh, ww = window
     hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
-    n_wh, n_ww = hp // wh, wp // ww
-    return {"B": b, "H": h, "W": w, "C": c, "HD": c // num_heads, "HP": hp, "WP": wp,
-            "n_win": n_wh * n_ww, "n_ww": n_ww, "NW_TOT": b * n_wh * n_ww}
+    n_ww = wp // ww
+    n_win = (hp // wh) * n_ww
+    return _Problem(
+        layout=1, q=qkv, k=qkv[..., c:], v=qkv[..., 2 * c:], heads=num_heads, hd=c // num_heads,
+        window=tuple(window), shift=tuple(shift), scale=scale, nw_tot=b * n_win,
+        geo=(n_win, n_ww, h, w, hp, wp, c), in_strides=(qkv.stride(0), c // num_heads, qkv.stride(1), qkv.stride(2)),
+        out_strides=(out.stride(0), out.stride(1), out.stride(2)), bias_table=bias_table, pad=pad_qkv,
+        roll_before_pad=roll_before_pad,
+    )
 
 
 def swa_forward(qkv, bias_table, pad_qkv, num_heads, window, shift, scale, roll_before_pad):
     """Map layout forward: (out (B, H, W, C), lse (B*nW, heads, N) fp32)."""
-    g_ = _map_geometry(qkv, num_heads, window, shift)
-    cfg = tile_config(tuple(window), g_["HD"])
-    out = qkv.new_empty(g_["B"], g_["H"], g_["W"], g_["C"])
-    lse = qkv.new_empty(g_["NW_TOT"], num_heads, cfg["N"], dtype=torch.float32)
-    n_tiles = -(-g_["NW_TOT"] // cfg["G"])
-    bias, bst, bsh = _bias_args(bias_table, qkv)
-    c = g_["C"]
-    grid = (n_tiles, num_heads, cfg["TILE"] // cfg["BM_FWD"])
-    _fwd_kernel[grid](
-        qkv, qkv[..., c:], qkv[..., 2 * c:], bias, qkv, pad_qkv if pad_qkv is not None else qkv, out, lse,
-        g_["NW_TOT"], g_["n_win"], g_["n_ww"], g_["H"], g_["W"], g_["HP"], g_["WP"], c,
-        qkv.stride(0), g_["HD"], qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        bst, bsh, 0, 0, 1, scale,
-        HEADS=num_heads, N=cfg["N"], G=cfg["G"], TILE=cfg["TILE"], BM=cfg["BM_FWD"], HD=g_["HD"],
-        HD_PAD=cfg["HD_PAD"], WH=window[0], WW=window[1], SH=shift[0], SW=shift[1], LAYOUT=1,
-        ROLL_BEFORE_PAD=bool(roll_before_pad), HAS_BIAS=bias_table is not None, HAS_MASK=False,
-        HAS_PAD=pad_qkv is not None, num_warps=cfg["WARPS"], **_common(qkv.dtype),
-    )
+    out = qkv.new_empty(*qkv.shape[:3], qkv.shape[3] // 3)
+    pb = _map_problem(qkv, bias_table, pad_qkv, num_heads, window, shift, scale, roll_before_pad, out)
+    lse = qkv.new_empty(pb.nw_tot, num_heads, pb.cfg["N"], dtype=torch.float32)
+    _forward(pb, out, lse)
     return out, lse
-
-
-def _backward(layout, q, k, v, out, dout, lse, bias_table, mask, pad, geo, window, shift, scale, rbp,
-              dq, dk, dv, need_dbias, need_dpad, strides, mask_args):
-    """Shared backward launcher for both layouts; returns (dbias or empty, (heads, 2, hd) dK/dV sums over
-    padding tokens or None)."""
-    heads, hd = geo["heads"], geo["HD"]
-    cfg = tile_config(tuple(window), hd)
-    n_tiles = -(-geo["NW_TOT"] // cfg["G"])
-    need_dbias = need_dbias and bias_table is not None
-    need_dpad = need_dpad and pad is not None
-    dev = q.device
-    nq = cfg["TILE"] // cfg["BM_BWD"]
-    chunks = _num_chunks(n_tiles, heads, nq, dev)
-    tpp = -(-n_tiles // chunks)
-    chunks = -(-n_tiles // tpp)
-    bias, bst, bsh = _bias_args(bias_table, q)
-    f32 = torch.float32
-    dbias_part = torch.empty(chunks, heads, cfg["TILE"], cfg["TILE"], device=dev, dtype=f32) if need_dbias else lse
-    delta = lse if cfg["FUSED"] else torch.empty_like(lse)
-    nk = 1 if cfg["FUSED"] else cfg["TILE"] // cfg["BN_BWD"]
-    dpad_part = (torch.zeros(chunks * heads * nk, 2, cfg["HD_PAD"], device=dev, dtype=f32)
-                 if need_dpad else lse)
-    padp = pad if pad is not None else q
-    geo_args = (geo["NW_TOT"], geo["n_win"], geo["n_ww"], geo["H"], geo["W"], geo["HP"], geo["WP"], geo["C"], tpp)
-    stride_args = (*strides, bst, bsh, *mask_args, scale)
-    consts = dict(
-        HEADS=heads, N=cfg["N"], G=cfg["G"], TILE=cfg["TILE"], HD=hd, HD_PAD=cfg["HD_PAD"], WH=window[0],
-        WW=window[1], SH=shift[0], SW=shift[1], LAYOUT=layout, ROLL_BEFORE_PAD=bool(rbp),
-        HAS_BIAS=bias_table is not None, HAS_MASK=mask is not None, HAS_PAD=pad is not None,
-        NEED_DPAD=need_dpad, num_warps=cfg["WARPS"], **_common(q.dtype),
-    )
-    maskp = mask if mask is not None else q
-    _bwd_dq_kernel[(chunks, heads, nq)](
-        q, k, v, bias, maskp, padp, out, dout, lse, delta, dq, dk, dv, dbias_part, dpad_part,
-        *geo_args, *stride_args, BM=cfg["BM_BWD"], NEED_DBIAS=need_dbias, FUSED=cfg["FUSED"], **consts,
-    )
-    if not cfg["FUSED"]:
-        _bwd_dkv_kernel[(chunks, heads, nk)](
-            q, k, v, bias, maskp, padp, dout, lse, delta, dk, dv, dpad_part,
-            *geo_args, *stride_args, BN=cfg["BN_BWD"], **consts,
-        )
-    dbias = (_reduce_dbias(dbias_part, window, cfg["G"], cfg["TILE"]) if need_dbias
-             else q.new_empty(0, dtype=f32))
-    # per-program (chunk, head, key block) sums of the padding rows' dK, dV -> (heads, 2, hd)
-    dpad = dpad_part.view(chunks, heads, nk, 2, cfg["HD_PAD"]).sum((0, 2))[..., :hd] if need_dpad else None
-    return dbias, dpad
 
 
 def swa_backward(dout, qkv, out, lse, bias_table, pad_qkv, num_heads, window, shift, scale, roll_before_pad,
                  need_dbias, need_dpad):
     """Map layout backward: (dqkv like qkv, dbias (T, heads) fp32 or empty, dpad (3C,) fp32 or empty)."""
-    geo = _map_geometry(qkv, num_heads, window, shift)
-    geo["heads"] = num_heads
-    c = geo["C"]
+    pb = _map_problem(qkv, bias_table, pad_qkv, num_heads, window, shift, scale, roll_before_pad, out)
+    c = pb.geo[-1]
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
-    strides = (qkv.stride(0), geo["HD"], qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2))
-    dbias, dpad_kv = _backward(
-        1, qkv, qkv[..., c:], qkv[..., 2 * c:], out, dout, lse, bias_table, None, pad_qkv, geo, window, shift,
-        scale, roll_before_pad, dqkv, dqkv[..., c:], dqkv[..., 2 * c:], need_dbias, need_dpad, strides, (0, 0, 1),
-    )
+    dbias, dpad_kv = _backward(pb, out, dout, lse, dqkv, dqkv[..., c:], dqkv[..., 2 * c:], need_dbias, need_dpad)
     dpad = qkv.new_empty(0, dtype=torch.float32)
     if dpad_kv is not None:  # the q part stays zero: padded outputs are discarded, so their dQ is 0
         dpad = torch.cat([torch.zeros_like(dpad_kv[:, 0]).reshape(-1), dpad_kv[:, 0].reshape(-1),
@@ -511,47 +638,70 @@ def swa_backward(dout, qkv, out, lse, bias_table, pad_qkv, num_heads, window, sh
     return dqkv, dbias, dpad
 
 
-def _windows_strides(q, k, v):
+def _windows_problem(q, k, v, bias_table, mask, window, scale, out) -> _Problem:
     if not (q.stride() == k.stride() == v.stride()):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return q, k, v
+    bw, heads, _, hd = q.shape
+    return _Problem(
+        layout=0, q=q, k=k, v=v, heads=heads, hd=hd, window=tuple(window), shift=(0, 0), scale=scale, nw_tot=bw,
+        geo=(1, 1, 0, 0, 0, 0, 0), in_strides=(q.stride(0), q.stride(1), q.stride(2), 0),
+        out_strides=(out.stride(0), out.stride(2), 0), bias_table=bias_table, mask=mask,
+    )
+
+
+def _windows_buffer(like: torch.Tensor) -> torch.Tensor:
+    bw, heads, n, hd = like.shape
+    return like.new_empty(bw, n, heads, hd).transpose(1, 2)
 
 
 def wa_forward(q, k, v, bias_table, mask, window, scale):
     """Windows layout forward: (out (BW, heads, N, hd) as a view of (BW, N, heads, hd), lse)."""
-    q, k, v = _windows_strides(q, k, v)
-    bw, heads, n, hd = q.shape
-    cfg = tile_config(tuple(window), hd)
-    buf = q.new_empty(bw, n, heads, hd)
-    lse = q.new_empty(bw, heads, n, dtype=torch.float32)
-    n_tiles = -(-bw // cfg["G"])
-    bias, bst, bsh = _bias_args(bias_table, q)
-    m_args = (mask.stride(0), mask.stride(1), mask.shape[0]) if mask is not None else (0, 0, 1)
-    _fwd_kernel[(n_tiles, heads, cfg["TILE"] // cfg["BM_FWD"])](
-        q, k, v, bias, mask if mask is not None else q, q, buf, lse,
-        bw, 1, 1, 0, 0, 0, 0, 0,
-        q.stride(0), q.stride(1), q.stride(2), 0, buf.stride(0), buf.stride(1), 0,
-        bst, bsh, *m_args, scale,
-        HEADS=heads, N=n, G=cfg["G"], TILE=cfg["TILE"], BM=cfg["BM_FWD"], HD=hd, HD_PAD=cfg["HD_PAD"],
-        WH=window[0], WW=window[1], SH=0, SW=0, LAYOUT=0, ROLL_BEFORE_PAD=False,
-        HAS_BIAS=bias_table is not None, HAS_MASK=mask is not None, HAS_PAD=False,
-        num_warps=cfg["WARPS"], **_common(q.dtype),
-    )
-    return buf.transpose(1, 2), lse
+    out = _windows_buffer(q)
+    pb = _windows_problem(q, k, v, bias_table, mask, window, scale, out)
+    lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
+    _forward(pb, out, lse)
+    return out, lse
 
 
 def wa_backward(dout, q, k, v, out, lse, bias_table, mask, window, scale, need_dbias):
     """Windows layout backward: (dq, dk, dv laid out like out, dbias (T, heads) fp32 or empty)."""
-    q, k, v = _windows_strides(q, k, v)
-    bw, heads, n, hd = q.shape
-    # the kernels address out/dout/dq/dk/dv through the (BW, N, heads, hd) buffer's strides
-    if dout.stride() != out.stride():
+    if dout.stride() != out.stride():  # the kernels address dout through the output buffer's strides
         dout = dout.transpose(1, 2).contiguous().transpose(1, 2)
-    grads = [q.new_empty(bw, n, heads, hd).transpose(1, 2) for _ in range(3)]
-    geo = {"NW_TOT": bw, "n_win": 1, "n_ww": 1, "H": 0, "W": 0, "HP": 0, "WP": 0, "C": 0, "heads": heads,
-           "HD": hd}
-    strides = (q.stride(0), q.stride(1), q.stride(2), 0, out.stride(0), out.stride(2), 0)
-    m_args = (mask.stride(0), mask.stride(1), mask.shape[0]) if mask is not None else (0, 0, 1)
-    dbias, _ = _backward(0, q, k, v, out, dout, lse, bias_table, mask, None, geo, window, (0, 0), scale, False,
-                         *grads, need_dbias, False, strides, m_args)
+    pb = _windows_problem(q, k, v, bias_table, mask, window, scale, out)
+    grads = [_windows_buffer(q) for _ in range(3)]
+    dbias, _ = _backward(pb, out, dout, lse, *grads, need_dbias, False)
     return (*grads, dbias)
+
+
+def representative_launches() -> dict:
+    """Small-shape calls of every launcher path (map/windows layout, fused/split backward, packing, padding,
+    both roll orders, mask), keyed by a label; each takes a dtype. Used by :mod:`.aot` to compile every
+    kernel variant for a GPU architecture."""
+
+    def map_case(b, h, w, heads, hd, ws, ss, rbp, pad=True):
+        def run(dtype):
+            c = heads * hd
+            qkv = torch.randn(b, h, w, 3 * c, dtype=dtype)
+            table = torch.randn((2 * ws[0] - 1) * (2 * ws[1] - 1), heads)
+            padv = torch.randn(3 * c, dtype=dtype) if pad else None
+            out, lse = swa_forward(qkv, table, padv, heads, ws, ss, hd**-0.5, rbp)
+            swa_backward(torch.randn_like(out), qkv, out, lse, table, padv, heads, ws, ss, hd**-0.5, rbp, True, pad)
+        return run
+
+    def windows_case(bw, nw, heads, hd, ws):
+        def run(dtype):
+            n = ws[0] * ws[1]
+            q = torch.randn(bw, heads, n, hd, dtype=dtype)
+            table = torch.randn((2 * ws[0] - 1) * (2 * ws[1] - 1), heads)
+            mask = torch.zeros(nw, n, n)
+            out, lse = wa_forward(q, q, q, table, mask, ws, hd**-0.5)
+            wa_backward(torch.randn_like(out), q, q, q, out, lse, table, mask, ws, hd**-0.5, True)
+        return run
+
+    return {
+        "map_w7_shift_pad": map_case(1, 9, 9, 3, 32, (7, 7), (3, 3), False),
+        "map_w7_timm_hd64": map_case(1, 9, 9, 2, 64, (7, 7), (3, 3), True),
+        "map_w14_split": map_case(1, 14, 14, 4, 32, (14, 14), (7, 7), False, pad=False),
+        "map_w3_packed_hd16": map_case(1, 6, 6, 2, 16, (3, 3), (1, 1), False),
+        "windows_w7_mask": windows_case(4, 2, 3, 32, (7, 7)),
+    }
