@@ -69,3 +69,23 @@ def test_compile_inductor_gpu(backend):
 
     loss = torch.compile(f, fullgraph=True)(qkv, table)
     torch.testing.assert_close(loss, f(qkv, table), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_patched_timm_swin_tiny_gpu(backend):
+    """Full-size timm Swin-T (224 px, and 232 px which needs padding) patched vs unpatched, bf16 autocast."""
+    import timm
+
+    torch.manual_seed(0)
+    ref = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, strict_img_size=False,
+                            drop_path_rate=0.0).cuda().eval()
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, strict_img_size=False,
+                              drop_path_rate=0.0).cuda().eval()
+    model.load_state_dict(ref.state_dict())
+    ek.patch_timm_swin(model, backend=backend)
+    for size in (224, 232):
+        x = torch.randn(4, 3, size, size, device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out, want = model(x).float(), ref(x).float()
+        rel = (out - want).abs().max() / want.abs().max()
+        assert rel < 3e-2, f"{size}px: relative error {rel:.3g}"
