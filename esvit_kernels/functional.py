@@ -186,9 +186,9 @@ def _loss_backend(backend: str, device: str, op: str) -> str:
 
 
 def _loss_op(op: str, backend: str, device: torch.device):
-    """``(backend name, fused callable or None for the torch reference)``."""
+    """The fused implementation of ``op`` for the resolved backend, or None for the torch reference."""
     name = _loss_backend(backend, str(device), op)
-    return name, (None if name == "torch" else _loss_ops.get(op, name))
+    return None if name == "torch" else _loss_ops.get(op, name)
 
 
 def region_match(
@@ -206,7 +206,7 @@ def region_match(
     if student_feats.shape[0] != teacher_feats.shape[0] or student_feats.shape[2] != teacher_feats.shape[2]:
         raise ValueError(f"student_feats (B, Ts, D) and teacher_feats (B, Tt, D) must agree on B and D, got "
                          f"{tuple(student_feats.shape)} and {tuple(teacher_feats.shape)}")
-    _, fn = _loss_op("region_match", backend, student_feats.device)
+    fn = _loss_op("region_match", backend, student_feats.device)
     if fn is None:
         return reference.region_match(student_feats.detach(), teacher_feats.detach())
     return fn(student_feats.detach(), teacher_feats.detach())
@@ -269,7 +269,7 @@ def region_loss(
     student_temp = check_temperature(student_temp, "student_temp")
     teacher_temp = check_temperature(teacher_temp, "teacher_temp")
     _check_match_range(match_index, teacher_logits.shape[1])
-    _, fn = _loss_op("region_loss", backend, student_logits.device)
+    fn = _loss_op("region_loss", backend, student_logits.device)
     if fn is None:
         return reference.region_loss(student_logits, teacher_logits, match_index, center,
                                      student_temp, teacher_temp)
@@ -302,7 +302,7 @@ def dino_loss(
     _check_center(center, k, student_logits)
     student_temp = check_temperature(student_temp, "student_temp")
     teacher_temp = check_temperature(teacher_temp, "teacher_temp")
-    _, fn = _loss_op("dino_loss", backend, student_logits.device)
+    fn = _loss_op("dino_loss", backend, student_logits.device)
     if fn is None:
         loss = reference.dino_loss(student_logits, teacher_logits, center, student_temp, teacher_temp)
         return (loss, _teacher_mean(teacher_logits)) if return_teacher_mean else loss
@@ -363,7 +363,7 @@ def multi_region_loss(
     _check_center(center, k, teacher_logits)
     student_temp = check_temperature(student_temp, "student_temp")
     teacher_temp = check_temperature(teacher_temp, "teacher_temp")
-    _, fn = _loss_op("multi_region_loss", backend, teacher_logits.device)
+    fn = _loss_op("multi_region_loss", backend, teacher_logits.device)
     if fn is None:
         loss = reference.multi_region_loss(student_logits, student_feats, teacher_logits, teacher_feats,
                                            center, student_temp, teacher_temp)
