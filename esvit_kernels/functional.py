@@ -5,7 +5,6 @@ Every op takes ``backend="auto" | "triton" | "cuda" | "torch"``; see :mod:`esvit
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 
 import torch
@@ -13,6 +12,7 @@ import torch
 from . import reference
 from .backends import backend_name
 from .checks import check_same, check_temperature, check_tensor, pair
+from .ops import losses as _loss_ops
 from .ops import window_attention as _window_ops
 
 __all__ = [
@@ -23,13 +23,6 @@ __all__ = [
     "dino_loss",
     "multi_region_loss",
 ]
-
-
-def _fused(module: str, op: str, backend: str):
-    """The fused implementation of ``op`` for ``backend`` from ``esvit_kernels.ops.<module>``."""
-    if module == "window_attention":
-        return _window_ops.get(op, backend)
-    return importlib.import_module(f"esvit_kernels.ops.{module}").get(op, backend)
 
 
 def _check_unit_stride(x: torch.Tensor, name: str, backend: str) -> None:
@@ -112,7 +105,7 @@ def window_attention(
     for t, tn in ((q, "q"), (k, "k"), (v, "v"), (mask, "mask")):
         if t is not None:
             _check_unit_stride(t, tn, name)
-    return _fused("window_attention", "window_attention", name)(q, k, v, ws, bias_table, mask, scale)
+    return _window_ops.get("window_attention", name)(q, k, v, ws, bias_table, mask, scale)
 
 
 def shifted_window_attention(
@@ -172,11 +165,17 @@ def shifted_window_attention(
             qkv, num_heads, ws, ss, bias_table, scale, pad_qkv, roll_before_pad
         )
     _check_unit_stride(qkv, "qkv", name)
-    fn = _fused("window_attention", "shifted_window_attention", name)
+    fn = _window_ops.get("shifted_window_attention", name)
     return fn(qkv, num_heads, ws, ss, bias_table, scale, pad_qkv, bool(roll_before_pad))
 
 
 # ----------------------------------------------------------------------------------------- losses
+
+
+def _loss_op(op: str, backend: str, device: torch.device):
+    """The fused implementation of ``op`` for the resolved backend, or None for the torch reference."""
+    name = backend_name(backend, device.type, op)
+    return None if name == "torch" else _loss_ops.get(op, name)
 
 
 def region_match(
@@ -184,19 +183,20 @@ def region_match(
 ) -> torch.Tensor:
     """For each student region token, the index of the most cosine-similar teacher token.
 
-    student_feats (B, Ts, D), teacher_feats (B, Tt, D) -> LongTensor (B, Ts). Ties resolve to the lowest
-    teacher index. No gradient flows through the matching.
+    student_feats (B, Ts, D), teacher_feats (B, Tt, D), one dtype -> LongTensor (B, Ts). Ties (equal
+    similarities, e.g. duplicate teacher tokens) resolve to the lowest teacher index. No gradient flows
+    through the matching. The fused backends never write the B x Ts x Tt similarity matrix.
     """
     check_tensor(student_feats, "student_feats", ndim=3)
     check_tensor(teacher_feats, "teacher_feats", ndim=3)
-    check_same({"student_feats": student_feats, "teacher_feats": teacher_feats}, dtype=False)
+    check_same({"student_feats": student_feats, "teacher_feats": teacher_feats})
     if student_feats.shape[0] != teacher_feats.shape[0] or student_feats.shape[2] != teacher_feats.shape[2]:
         raise ValueError(f"student_feats (B, Ts, D) and teacher_feats (B, Tt, D) must agree on B and D, got "
                          f"{tuple(student_feats.shape)} and {tuple(teacher_feats.shape)}")
-    name = backend_name(backend, student_feats.device.type, "region_match")
-    if name == "torch":
+    fn = _loss_op("region_match", backend, student_feats.device)
+    if fn is None:
         return reference.region_match(student_feats.detach(), teacher_feats.detach())
-    return _fused("losses", "region_match", name)(student_feats.detach(), teacher_feats.detach())
+    return fn(student_feats.detach(), teacher_feats.detach())
 
 
 def _check_center(center: torch.Tensor, k: int, ref: torch.Tensor) -> None:
@@ -204,6 +204,25 @@ def _check_center(center: torch.Tensor, k: int, ref: torch.Tensor) -> None:
     if center.numel() != k or center.dim() not in (1, 2) or (center.dim() == 2 and center.shape[0] != 1):
         raise ValueError(f"center must have shape ({k},) or (1, {k}), got {tuple(center.shape)}")
     check_same({"logits": ref, "center": center}, dtype=False)
+
+
+def _check_match_range(match_index: torch.Tensor, tt: int) -> None:
+    """Out-of-range indices would make the fused kernels read out of bounds. Eagerly: a ValueError (one host
+    sync); under torch.compile: an asynchronous device assert, so the graph has no break."""
+    if not match_index.numel():
+        return
+    if torch.compiler.is_compiling():
+        torch._assert_async(((match_index >= 0) & (match_index < tt)).all(),
+                            f"region_loss: match_index values must lie in [0, Tt={tt})")
+        return
+    lo, hi = int(match_index.min()), int(match_index.max())
+    if lo < 0 or hi >= tt:
+        raise ValueError(f"match_index values must lie in [0, Tt={tt}), got range [{lo}, {hi}]")
+
+
+def _teacher_mean(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """(1, K) float32 mean of every teacher row: the batch statistic of the center EMA."""
+    return reference.losses.teacher_mean(teacher_logits)
 
 
 def region_loss(
@@ -219,7 +238,8 @@ def region_loss(
     """EsViT's region loss L_R for one crop pair (scalar, gradient to the student logits only).
 
     mean over (b, i) of -sum_k softmax((t[b, m[b, i]] - center) / teacher_temp)_k
-    * log_softmax(s[b, i] / student_temp)_k; student (B, Ts, K), teacher (B, Tt, K), match (B, Ts).
+    * log_softmax(s[b, i] / student_temp)_k; student (B, Ts, K), teacher (B, Tt, K) of one dtype, match
+    (B, Ts) int32/int64 in [0, Tt), center (K,) or (1, K) of any float dtype; temperatures > 0.
     """
     check_tensor(student_logits, "student_logits", ndim=3)
     check_tensor(teacher_logits, "teacher_logits", ndim=3)
@@ -230,22 +250,17 @@ def region_loss(
         raise ValueError(f"match_index must be a tensor of shape (B, Ts) = {(b, ts)}")
     if match_index.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"match_index must be int64 or int32, got {match_index.dtype}")
-    check_same({"student_logits": student_logits, "teacher_logits": teacher_logits,
-                "match_index": match_index}, dtype=False)
+    check_same({"student_logits": student_logits, "teacher_logits": teacher_logits})
+    check_same({"student_logits": student_logits, "match_index": match_index}, dtype=False)
     _check_center(center, k, student_logits)
     student_temp = check_temperature(student_temp, "student_temp")
     teacher_temp = check_temperature(teacher_temp, "teacher_temp")
-    tt = teacher_logits.shape[1]
-    if match_index.numel() and (int(match_index.min()) < 0 or int(match_index.max()) >= tt):
-        raise ValueError(f"match_index values must lie in [0, Tt={tt}), got range "
-                         f"[{int(match_index.min())}, {int(match_index.max())}]")
-    name = backend_name(backend, student_logits.device.type, "region_loss")
-    if name == "torch":
+    _check_match_range(match_index, teacher_logits.shape[1])
+    fn = _loss_op("region_loss", backend, student_logits.device)
+    if fn is None:
         return reference.region_loss(student_logits, teacher_logits, match_index, center,
                                      student_temp, teacher_temp)
-    return _fused("losses", "region_loss", name)(
-        student_logits, teacher_logits, match_index, center, student_temp, teacher_temp
-    )
+    return fn(student_logits, teacher_logits, match_index, center, student_temp, teacher_temp)
 
 
 def dino_loss(
@@ -255,10 +270,13 @@ def dino_loss(
     *,
     student_temp: float,
     teacher_temp: float,
+    return_teacher_mean: bool = False,
     backend: str = "auto",
-) -> torch.Tensor:
-    """EsViT/DINO view loss L_V: student (S, B, K) crops, teacher (T, B, K) global crops (the first T
-    student crops are the same views); mean over pairs (t, v != t) of the batch-mean cross-entropy."""
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """EsViT/DINO view loss L_V: student (S, B, K) crops, teacher (T, B, K) global crops of the same dtype
+    (the first T student crops are the same views); mean over pairs (t, v != t) of the batch-mean
+    cross-entropy. With ``return_teacher_mean`` also returns the (1, K) float32 mean of the T*B teacher
+    rows (the view center's batch statistic; the fused backend gets it from the loss's own pass)."""
     check_tensor(student_logits, "student_logits", ndim=3)
     check_tensor(teacher_logits, "teacher_logits", ndim=3)
     s, b, k = student_logits.shape
@@ -267,14 +285,17 @@ def dino_loss(
         raise ValueError(f"teacher_logits must be (T, B={b}, K={k}), got {tuple(teacher_logits.shape)}")
     if t < 1 or s < 1 or t * s - min(t, s) < 1:
         raise ValueError(f"need at least one (teacher, student) pair with different crops, got T={t}, S={s}")
-    check_same({"student_logits": student_logits, "teacher_logits": teacher_logits}, dtype=False)
+    check_same({"student_logits": student_logits, "teacher_logits": teacher_logits})
     _check_center(center, k, student_logits)
     student_temp = check_temperature(student_temp, "student_temp")
     teacher_temp = check_temperature(teacher_temp, "teacher_temp")
-    name = backend_name(backend, student_logits.device.type, "dino_loss")
-    if name == "torch":
-        return reference.dino_loss(student_logits, teacher_logits, center, student_temp, teacher_temp)
-    return _fused("losses", "dino_loss", name)(student_logits, teacher_logits, center, student_temp, teacher_temp)
+    fn = _loss_op("dino_loss", backend, student_logits.device)
+    if fn is None:
+        loss = reference.dino_loss(student_logits, teacher_logits, center, student_temp, teacher_temp)
+        return (loss, _teacher_mean(teacher_logits)) if return_teacher_mean else loss
+    if return_teacher_mean:
+        return fn(student_logits, teacher_logits, center, student_temp, teacher_temp, want_mean=True)
+    return fn(student_logits, teacher_logits, center, student_temp, teacher_temp)
 
 
 def multi_region_loss(
@@ -286,18 +307,25 @@ def multi_region_loss(
     *,
     student_temp: float,
     teacher_temp: float,
+    return_teacher_mean: bool = False,
     backend: str = "auto",
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Region matching + L_R over every (teacher view t, student crop v != t) pair in few launches.
 
     Args:
         student_logits: groups of crops of equal resolution, in crop order, each (V_g, B, T_g, K)
-            (e.g. 2 global crops with T_g=49 and 8 local crops with T_g=9).
-        student_feats: the matching backbone region tokens, each (V_g, B, T_g, D).
+            (e.g. 2 global crops with T_g=49 and 8 local crops with T_g=9); one dtype with teacher_logits.
+        student_feats: the matching backbone region tokens, each (V_g, B, T_g, D); one dtype with
+            teacher_feats.
         teacher_logits: (T, B, Tt, K) region-head outputs of the teacher's views (= the first T crops).
         teacher_feats: (T, B, Tt, D) teacher backbone region tokens.
+        center: (K,) or (1, K) region center.
+        return_teacher_mean: also return the (1, K) float32 mean over all T*B*Tt teacher region tokens
+            (the region center's batch statistic), computed in the teacher-statistics pass when fused.
     Returns:
-        mean over the pairs of :func:`region_loss` with the :func:`region_match` matching.
+        mean over the pairs of :func:`region_loss` with the :func:`region_match` matching (and the mean).
+        The fused backend launches one teacher-statistics kernel, then per group one matching kernel and
+        one loss kernel for all of the group's crops and teacher views (and one backward kernel).
     """
     check_tensor(teacher_logits, "teacher_logits", ndim=4)
     check_tensor(teacher_feats, "teacher_feats", ndim=4)
@@ -313,19 +341,20 @@ def multi_region_loss(
         if sl.shape[1] != b or sl.shape[3] != k or sf.shape[:3] != sl.shape[:3] or sf.shape[3] != d:
             raise ValueError(f"group {gi}: student_logits must be (V, B={b}, T, K={k}) and student_feats "
                              f"(V, B, T, D={d}), got {tuple(sl.shape)} and {tuple(sf.shape)}")
-        check_same({"teacher_logits": teacher_logits, f"student_logits[{gi}]": sl,
-                    f"student_feats[{gi}]": sf}, dtype=False)
+        check_same({"teacher_logits": teacher_logits, f"student_logits[{gi}]": sl})
+        check_same({"teacher_feats": teacher_feats, f"student_feats[{gi}]": sf})
+        check_same({"teacher_logits": teacher_logits, f"student_feats[{gi}]": sf}, dtype=False)
     n_crops = sum(sl.shape[0] for sl in student_logits)
     if n_crops * t - min(n_crops, t) < 1:
         raise ValueError("need at least one (teacher, student) pair with different crops")
     _check_center(center, k, teacher_logits)
     student_temp = check_temperature(student_temp, "student_temp")
     teacher_temp = check_temperature(teacher_temp, "teacher_temp")
-    name = backend_name(backend, teacher_logits.device.type, "multi_region_loss")
-    if name == "torch":
-        return reference.multi_region_loss(student_logits, student_feats, teacher_logits, teacher_feats,
+    fn = _loss_op("multi_region_loss", backend, teacher_logits.device)
+    if fn is None:
+        loss = reference.multi_region_loss(student_logits, student_feats, teacher_logits, teacher_feats,
                                            center, student_temp, teacher_temp)
-    return _fused("losses", "multi_region_loss", name)(
-        list(student_logits), list(student_feats), teacher_logits, teacher_feats, center,
-        student_temp, teacher_temp,
-    )
+        return (loss, _teacher_mean(teacher_logits)) if return_teacher_mean else loss
+    args = (list(student_logits), list(student_feats), teacher_logits, teacher_feats, center, student_temp,
+            teacher_temp)
+    return fn(*args, want_mean=True) if return_teacher_mean else fn(*args)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["region_match", "region_loss", "dino_loss", "multi_region_loss", "teacher_probs"]
+__all__ = ["region_match", "region_loss", "dino_loss", "multi_region_loss", "teacher_probs", "teacher_mean"]
 
 
 def region_match(student_feats: torch.Tensor, teacher_feats: torch.Tensor) -> torch.Tensor:
@@ -33,6 +33,12 @@ def region_match(student_feats: torch.Tensor, teacher_feats: torch.Tensor) -> to
 def teacher_probs(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
     """softmax((teacher - center) / teacher_temp) over the last dim, in fp32."""
     return F.softmax((teacher_logits.float() - center.float().reshape(-1)) / teacher_temp, dim=-1)
+
+
+def teacher_mean(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """(1, K) float32 mean of every teacher row (all leading dims): the center EMA's batch statistic."""
+    k = teacher_logits.shape[-1]
+    return teacher_logits.detach().float().reshape(-1, k).mean(dim=0, keepdim=True)
 
 
 def region_loss(
