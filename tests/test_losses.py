@@ -15,10 +15,6 @@ Tolerances (max abs error relative to the reference's max magnitude, see ``conft
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -395,14 +391,3 @@ def test_errors_match_dino_multi():
 # ------------------------------------------------------------------------------------------ GPU code
 
 
-@pytest.mark.slow
-def test_kernels_compile_for_sm90():
-    """Every kernel compiles to an sm_90 cubin (ptxas, no GPU): catches what the interpreter accepts but
-    the compiler rejects (non-constexpr globals, loop-carried type changes, scoping)."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "from esvit_kernels._triton.losses import compile_all_kernels as c; print(len(c(90)))"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert r.stdout.split()[-1] == "9"

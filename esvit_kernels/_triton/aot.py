@@ -1,4 +1,4 @@
-"""Compile the Triton kernels for a GPU architecture on a machine that has no GPU.
+"""Compile the Triton kernels (window attention and losses) for a GPU architecture on a machine with no GPU.
 
 Every launcher calls :func:`launch` instead of ``kernel[grid](...)``. Inside :func:`capture`, launches are
 recorded instead of run; :func:`compile_launch` then compiles a recorded launch with exactly the
@@ -98,14 +98,20 @@ def resource_usage(compiled) -> dict:
     }
 
 
+def representative_launches() -> dict:
+    """Every kernel module's representative launcher calls, keyed "module/case"."""
+    from . import losses, window_attention
+
+    return {f"{mod.__name__.rsplit('.', 1)[-1]}/{label}": fn
+            for mod in (window_attention, losses) for label, fn in mod.representative_launches().items()}
+
+
 def report(arch: int = 90, cases: list[str] | None = None, dtypes: tuple[str, ...] = ("bfloat16", "float32")):
-    """Compile every window-attention kernel variant the launchers use at representative shapes."""
+    """Compile every Triton kernel variant the launchers use at representative shapes for ``sm_<arch>``."""
     import torch
 
-    from . import window_attention as wa
-
     rows = []
-    for label, fn in wa.representative_launches().items():
+    for label, fn in representative_launches().items():
         if cases and label not in cases:
             continue
         for dtype in dtypes:
@@ -134,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    print("arch   case                   kernel             dtype     regs spill-B smem-B warps")
+    print("arch   case                                kernel                 dtype     regs spill-B smem-B warps")
     for r in rows:
         spill = r["stack_bytes"] + r["local_bytes"]
-        print(f"sm_{r['arch']}  {r['case']:22s} {r['kernel']:18s} {r['dtype']:9s} {r['registers']:4d} {spill:7d} "
+        print(f"sm_{r['arch']}  {r['case']:35s} {r['kernel']:22s} {r['dtype']:9s} {r['registers']:4d} {spill:7d} "
               f"{r['dynamic_shared_bytes'] + r['static_shared_bytes']:6d} {r['num_warps']:5d}")
     return 0
 

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .aot import launch
+
 __all__ = [
     "FUSED_GRAD_MAX_K",
     "dino_ce_backward",
@@ -363,7 +365,7 @@ def region_match(student: torch.Tensor, teacher: torch.Tensor, crop_offset: int)
     block_s = _pow2(ts, 1, _MATCH_BLOCK_S)
     block_t = _pow2(tt, 1, _MATCH_BLOCK_T)
     with _device(student):
-        _region_match_kernel[(t * v * b, triton.cdiv(ts, block_s))](
+        launch(_region_match_kernel, (t * v * b, triton.cdiv(ts, block_s)),
             student, teacher, out, v, b, ts, tt, d, crop_offset,
             BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_D=_MATCH_BLOCK_D, num_warps=4,
         )
@@ -390,7 +392,7 @@ def teacher_stats(
     psum = torch.empty((nkb, r), **f32)
     colsum = torch.empty((groups, k) if want_mean else (1,), **f32)
     with _device(teacher):
-        _teacher_stats_kernel[(groups, nkb)](
+        launch(_teacher_stats_kernel, (groups, nkb),
             teacher, center, pmax, psum, colsum, r, k, rows_per_group, LOG2E / teacher_temp,
             BLOCK_R=block_r, BLOCK_K=block_k, WANT_SUM=want_mean, num_warps=8,
         )
@@ -427,7 +429,7 @@ def region_ce_forward(
         ptrs, scalars = _region_args(student, teacher, teacher_lse2, center, match, crop_offset, student_temp,
                                      teacher_temp)
         with _device(student):
-            _region_ce_fwd_kernel[(rows,)](
+            launch(_region_ce_fwd_kernel, (rows,),
                 *ptrs, ce, slse, grad, *scalars, weight / student_temp,
                 BLOCK_K=block_k, ONE_BLOCK=k <= block_k, WRITE_GRAD=write_grad, num_warps=_warps(block_k),
             )
@@ -447,7 +449,7 @@ def region_ce_backward(
         ptrs, scalars = _region_args(student, teacher, teacher_lse2, center, match, crop_offset, student_temp,
                                      teacher_temp)
         with _device(student):
-            _region_ce_bwd_kernel[(v * b * ts,)](
+            launch(_region_ce_bwd_kernel, (v * b * ts,),
                 grad_loss, *ptrs, student_lse2, grad, *scalars, weight / student_temp,
                 BLOCK_K=block_k, num_warps=_warps(block_k),
             )
@@ -470,7 +472,7 @@ def dino_ce_forward(
     grad = torch.empty_like(student) if write_grad else student.new_empty(0)
     if b:
         with _device(student):
-            _dino_ce_fwd_kernel[(b,)](
+            launch(_dino_ce_fwd_kernel, (b,),
                 student, teacher, teacher_lse2, center, ce, slse, grad, b, s, t, k, LOG2E / student_temp,
                 LOG2E / teacher_temp, weight / student_temp,
                 S_PAD=s_pad, BLOCK_K=block_k, ONE_BLOCK=k <= block_k, WRITE_GRAD=write_grad,
@@ -490,7 +492,7 @@ def dino_ce_backward(
         s_pad = _pow2(s)
         block_k = _dino_block_k(k, s)
         with _device(student):
-            _dino_ce_bwd_kernel[(b,)](
+            launch(_dino_ce_bwd_kernel, (b,),
                 grad_loss, student, teacher, teacher_lse2, center, student_lse2, grad, b, s, teacher.shape[0], k,
                 LOG2E / student_temp, LOG2E / teacher_temp, weight / student_temp,
                 S_PAD=s_pad, BLOCK_K=block_k, num_warps=_warps(s_pad * block_k),
@@ -498,42 +500,31 @@ def dino_ce_backward(
     return grad
 
 
-def compile_all_kernels(arch: int = 90) -> list[str]:
-    """Compile every kernel above for CUDA sm_<arch> (through ptxas to a cubin) at the launchers' block
-    sizes, without a GPU; returns the compiled variants. Lets a GPU-less CI catch code the interpreter
-    accepts but the compiler rejects. Run it with TRITON_INTERPRET unset (the kernels must be JIT objects)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.compiler import compile as triton_compile
+def representative_launches() -> dict:
+    """Small-batch calls of every launcher path at EsViT's real K (65536: multi-block streaming and the
+    second backward pass) and at a K that fits one block (the gradient written in the forward), keyed by
+    a label; each takes a dtype. Used by :mod:`.aot` to compile every kernel variant for a GPU."""
 
-    floats = {"s_scale2", "t_scale2", "grad_scale", "weight_over_temp"}
-    logits = {"s_ptr", "t_ptr", "grad_ptr"}
-    jobs = [(_region_match_kernel, dt, {"BLOCK_S": _MATCH_BLOCK_S, "BLOCK_T": _MATCH_BLOCK_T,
-                                        "BLOCK_D": _MATCH_BLOCK_D}, 4) for dt in ("bf16", "fp32")]
-    jobs.append((_teacher_stats_kernel, "bf16", {"BLOCK_R": _STATS_BLOCK_R, "BLOCK_K": _STATS_BLOCK_K,
-                                                 "WANT_SUM": True}, 8))
-    for one in (True, False):
-        jobs.append((_region_ce_fwd_kernel, "bf16", {"BLOCK_K": _REGION_MAX_BLOCK_K, "ONE_BLOCK": one,
-                                                     "WRITE_GRAD": one}, 8))
-        jobs.append((_dino_ce_fwd_kernel, "bf16", {"S_PAD": 16, "BLOCK_K": _DINO_TILE // 16, "ONE_BLOCK": one,
-                                                   "WRITE_GRAD": one}, 8))
-    jobs.append((_region_ce_bwd_kernel, "bf16", {"BLOCK_K": _REGION_MAX_BLOCK_K}, 8))
-    jobs.append((_dino_ce_bwd_kernel, "bf16", {"S_PAD": 16, "BLOCK_K": _DINO_TILE // 16}, 8))
-    done = []
-    for kernel, dtype, constexprs, num_warps in jobs:
-        sig = {}
-        for name in kernel.arg_names:
-            if name in constexprs:
-                sig[name] = "constexpr"
-            elif name in floats:
-                sig[name] = "fp32"
-            elif name in logits:
-                sig[name] = f"*{dtype}"
-            elif name in ("out_ptr", "match_ptr"):
-                sig[name] = "*i64"
-            else:
-                sig[name] = "*fp32" if name.endswith("_ptr") else "i32"
-        src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
-        triton_compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-        done.append(f"{kernel.__name__}[{dtype}, {constexprs}]")
-    return done
+    def region(k):
+        def run(dtype):
+            student = torch.randn(2, 1, 9, k, dtype=dtype)
+            teacher = torch.randn(2, 1, 49, k, dtype=dtype)
+            feats_s, feats_t = torch.randn(2, 1, 9, 64, dtype=dtype), torch.randn(2, 1, 49, 64, dtype=dtype)
+            center = torch.zeros(k)
+            lse2, _ = teacher_stats(teacher, center, 0.04, True)
+            match = region_match(feats_s, feats_t, 0)
+            _, slse, _ = region_ce_forward(student, teacher, lse2, center, match, 0, 0.1, 0.04, 1.0, True)
+            region_ce_backward(torch.ones(()), student, teacher, lse2, center, match, slse, 0, 0.1, 0.04, 1.0)
+        return run
+
+    def dino(k):
+        def run(dtype):
+            student, teacher = torch.randn(10, 2, k, dtype=dtype), torch.randn(2, 2, k, dtype=dtype)
+            center = torch.zeros(k)
+            lse2, _ = teacher_stats(teacher, center, 0.04, False)
+            _, slse, _ = dino_ce_forward(student, teacher, lse2, center, 0.1, 0.04, 1.0, True)
+            dino_ce_backward(torch.ones(()), student, teacher, lse2, center, slse, 0.1, 0.04, 1.0)
+        return run
+
+    return {"region_k65536": region(65536), "region_k4096": region(4096), "dino_k65536": dino(65536),
+            "dino_k1000": dino(1000)}
