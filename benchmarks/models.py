@@ -109,12 +109,13 @@ def _esvit_check(backend: str | None) -> Callable[[ModelInputs, str], str | None
 
 
 def _backend_check(backend: str) -> Callable[[ModelInputs, str], str | None]:
-    kernel = backend_check(backend, "shifted_window_attention")
+    kernel = backend_check(backend, "shifted_window_attention", interpreter_modes=("fwd", "fwd+bwd", "step"))
 
     def check(ins: ModelInputs, mode: str) -> str | None:
-        if backend == "triton" and ins.device.type != "cuda":
+        why = kernel(ins, mode)
+        if why is None and backend == "triton" and ins.device.type != "cuda":
             return "the Triton interpreter (CPU) is far too slow for whole models; triton models run on GPU"
-        return kernel(ins, mode)
+        return why
 
     return check
 
