@@ -145,7 +145,9 @@ def write(path: Path, meta: dict[str, Any], records: Iterable[Record]) -> None:
         meta = {**meta, "suites": sorted(set(old["metadata"].get("suites", [])) | set(meta["suites"]))}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"schema": SCHEMA, "metadata": meta, "records": new}, indent=1, default=str) + "\n")
+    head = json.dumps({"schema": SCHEMA, "metadata": meta}, indent=1, default=str)[:-2]
+    rows = ",\n  ".join(json.dumps(r, default=str) for r in new)  # one record per line: compact, diffable
+    tmp.write_text(f'{head},\n "records": [\n  {rows}\n ]\n}}\n')
     tmp.replace(path)
 
 
