@@ -207,9 +207,10 @@ def _run_provider(case: Case, prov: Provider, inputs: Any, timer: Timer, ctx: Ru
     try:
         fwd = prov.build(inputs)
     except Exception as exc:
-        status, reason = classify_failure(exc)
-        if status == "error":
-            ctx.log(short_traceback(exc))
+        status, reason = _failure(exc, ctx)
+    else:
+        status = None
+    if status is not None:  # outside the except block, so the traceback's tensors can be freed
         free_memory()
         return [case.record(prov, m, "skipped", reasons[m]) if reasons[m] else case.record(prov, m, status, reason)
                 for m in case.modes]
@@ -225,15 +226,23 @@ def _run_provider(case: Case, prov: Provider, inputs: Any, timer: Timer, ctx: Ru
     return out
 
 
+def _failure(exc: BaseException, ctx: RunContext) -> tuple[str, str]:
+    status, reason = classify_failure(exc)
+    if status == "error":
+        ctx.log(short_traceback(exc))
+    return status, reason
+
+
 def _measure(case: Case, prov: Provider, fwd: Forward, mode: str, timer: Timer, ctx: RunContext) -> Record:
     bench = make_bench(fwd.fn, fwd.params, mode)
     try:
         timing = timer.time(bench)
         mem = timer.peak_memory_mb(bench)
     except Exception as exc:
-        status, reason = classify_failure(exc)
-        if status == "error":
-            ctx.log(short_traceback(exc))
+        status, reason = _failure(exc, ctx)
+    else:
+        status = None
+    if status is not None:  # outside the except block, so the traceback's tensors can be freed
         del bench
         free_memory()
         return case.record(prov, mode, status, reason)
