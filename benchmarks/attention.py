@@ -1,0 +1,246 @@
+"""Window-attention suite: Swin stage shapes, the input factory, minimum bytes, and the run plan.
+
+Three scopes per (shape, dtype), each with its own providers (:mod:`benchmarks.attention_providers`):
+
+* ``block`` -- the (B, H, W, 3C) qkv map in, the (B, H, W, C) map out: pad, roll, partition, attention
+  with bias and shift mask, reverse, roll back, crop. What the fused kernel absorbs is inside the timed
+  region of every provider.
+* ``core`` -- q, k, v already in windows (B*nW, heads, N, head_dim), bias table (+ a precomputed shift
+  mask): the attention core alone.
+* ``layer`` -- x (B, H, W, C) in: qkv Linear, attention, proj (timm's ``SwinTransformerBlock._attn``
+  against the same block patched onto our kernels).
+
+Shapes follow the Swin models built for 224 px input: stage i has resolution 56 / 2^i, C = embed * 2^i;
+a stage whose 224-px resolution is <= W uses window = resolution and no shift, otherwise W and shift
+W // 2. The 96-px local crops run through the same (224-built) blocks, so they are padded to the window
+(e.g. a 3x3 map in a 7x7 window) exactly as the official code does; their batch is 8 crops per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from esvit_kernels import reference
+
+from .harness import Record
+from .suite import DTYPES, Case, RunContext, run_cases
+
+SWIN = {"SwinT/S": (96, (3, 6, 12, 24)), "SwinB": (128, (4, 8, 16, 32))}  # Swin-T and -S share stage shapes
+LOCAL_CROPS = 8
+SCOPES = ("block", "core", "layer")
+
+
+@dataclass(frozen=True)
+class AttnShape:
+    """One window-attention layer: batch, map resolution, channels, heads, window and shift."""
+
+    model: str
+    stage: int
+    img: int
+    batch: int
+    res: int
+    dim: int
+    heads: int
+    window: int
+    shift: int
+    base_window: int
+
+    @property
+    def padded(self) -> int:
+        return -(-self.res // self.window) * self.window
+
+    @property
+    def n_windows(self) -> int:
+        return (self.padded // self.window) ** 2
+
+    @property
+    def tokens(self) -> int:
+        return self.window * self.window
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def name(self) -> str:
+        crops = f"({LOCAL_CROPS}x{self.batch // LOCAL_CROPS})" if self.img == 96 else ""
+        return (f"{self.model}-s{self.stage}-{self.img}px-W{self.base_window}-B{self.batch}{crops}"
+                f" ({self.res}x{self.res} w{self.window} s{self.shift} C{self.dim} h{self.heads})")
+
+    @property
+    def physical(self) -> tuple[int, ...]:
+        """What determines the work: equal tuples are the same benchmark under two names."""
+        return (self.batch, self.res, self.dim, self.heads, self.window, self.shift)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "padded": self.padded, "n_windows": self.n_windows, "tokens": self.tokens,
+                "head_dim": self.head_dim}
+
+
+def swin_stages(model: str, base_window: int, img: int, images: int) -> list[AttnShape]:
+    """The four stage shapes of a Swin model built for 224 px, fed ``images`` images of ``img`` px."""
+    embed, heads = SWIN[model]
+    batch = images if img == 224 else images * LOCAL_CROPS
+    out = []
+    for i in range(4):
+        res224 = 56 >> i
+        window, shift = (res224, 0) if res224 <= base_window else (base_window, base_window // 2)
+        out.append(AttnShape(model, i + 1, img, batch, (img // 4) >> i, embed << i, heads[i], window, shift,
+                             base_window))
+    return out
+
+
+def cpu_shapes() -> list[AttnShape]:
+    """One tiny shape for the CPU smoke pass (the Triton interpreter is slow): a 10x10 map padded to 2x2
+    windows of 7, shifted by 3, one head, so padding, shift and mask are all exercised."""
+    return [AttnShape("tiny", 1, 40, 1, 10, 32, 1, 7, 3, 7)]
+
+
+def plan(device: torch.device, quick: bool) -> list[tuple[AttnShape, str]]:
+    """(shape, dtype) pairs in priority order (a time budget cuts from the end), duplicates removed."""
+    if device.type != "cuda":
+        return [(s, "fp32") for s in cpu_shapes()]
+    if quick:
+        return [(s, "bf16") for s in swin_stages("SwinT/S", 7, 224, 32) if s.stage in (1, 3)]
+    tiers: list[tuple[list[AttnShape], tuple[str, ...]]] = [
+        (swin_stages("SwinT/S", 7, 224, 128), ("bf16",)),
+        (swin_stages("SwinT/S", 7, 224, 32), ("bf16",)),
+        (swin_stages("SwinT/S", 7, 96, 32), ("bf16",)),
+        (swin_stages("SwinB", 7, 224, 128), ("bf16",)),
+        (swin_stages("SwinT/S", 14, 224, 128) + swin_stages("SwinB", 14, 224, 128), ("bf16",)),
+        (swin_stages("SwinT/S", 7, 224, 128), ("fp16", "fp32")),
+    ]
+    rest = [s for m in SWIN for w in (7, 14) for img in (224, 96) for n in (32, 128) for s in swin_stages(m, w, img, n)]
+    tiers.append((rest, ("bf16", "fp16", "fp32")))
+    seen: set[tuple[Any, ...]] = set()
+    out = []
+    for shapes, dtypes in tiers:
+        for dt in dtypes:
+            for s in shapes:
+                if (s.physical, dt) not in seen:
+                    seen.add((s.physical, dt))
+                    out.append((s, dt))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+@dataclass
+class AttnInputs:
+    """Tensors shared by every provider of one case (which of them exist depends on the scope)."""
+
+    shape: AttnShape
+    dtype: torch.dtype
+    device: torch.device
+    table: torch.Tensor  # ((2W-1)^2, heads), fp32 like a module parameter under autocast
+    qkv: torch.Tensor | None = None  # block: (B, H, W, 3C)
+    q: torch.Tensor | None = None  # core: (B*nW, heads, N, hd) each
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # core: (nW, N, N) float shift mask, None without shift
+    labels: torch.Tensor | None = None  # core: (nW, N) shift-region label of every window token
+    x: torch.Tensor | None = None  # layer: (B, H, W, C)
+    block: torch.nn.Module | None = None  # layer: timm SwinTransformerBlock in ``dtype``
+
+    @property
+    def scale(self) -> float:
+        return self.shape.head_dim**-0.5
+
+    @property
+    def ws(self) -> tuple[int, int]:
+        return (self.shape.window, self.shape.window)
+
+    @property
+    def ss(self) -> tuple[int, int]:
+        return (self.shape.shift, self.shape.shift)
+
+    def grads(self) -> list[torch.Tensor]:
+        """The leaf tensors that receive gradients in this scope."""
+        return [t for t in (self.qkv, self.q, self.k, self.v, self.x, self.table) if t is not None]
+
+
+def make_inputs(shape: AttnShape, dtype: str, scope: str, device: torch.device) -> AttnInputs:
+    """Random inputs for ``scope`` (seeded; values are irrelevant to timing but kept realistic)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    dt = DTYPES[dtype]
+
+    def leaf(*size: int, dtype: torch.dtype = dt, std: float = 1.0) -> torch.Tensor:
+        t = torch.randn(*size, generator=g) * std
+        return t.to(device=device, dtype=dtype).requires_grad_(True)
+
+    s = shape
+    ins = AttnInputs(s, dt, device, table=leaf((2 * s.window - 1) ** 2, s.heads, dtype=torch.float32, std=0.02))
+    if scope == "block":
+        ins.qkv = leaf(s.batch, s.res, s.res, 3 * s.dim)
+    elif scope == "core":
+        bw = s.batch * s.n_windows
+        ins.q, ins.k, ins.v = (leaf(bw, s.heads, s.tokens, s.head_dim) for _ in range(3))
+        if s.shift:
+            hw = (s.padded, s.padded)
+            ins.mask = reference.shift_mask(hw, ins.ws, ins.ss, device)
+            labels = reference.shift_region_labels(hw, ins.ws, ins.ss, device)
+            ins.labels = reference.window_partition(labels[None, :, :, None], ins.ws)[..., 0].contiguous()
+    elif scope == "layer":
+        from timm.models.swin_transformer import SwinTransformerBlock
+
+        ins.x = leaf(s.batch, s.res, s.res, s.dim)
+        ins.block = SwinTransformerBlock(s.dim, (s.res, s.res), num_heads=s.heads, window_size=s.window,
+                                         shift_size=s.shift, always_partition=True).to(device=device, dtype=dt)
+        ins.table = ins.block.attn.relative_position_bias_table
+    else:
+        raise ValueError(f"unknown scope {scope!r}")
+    return ins
+
+
+# ------------------------------------------------------------------------------------------------ bytes
+
+
+def bytes_min(shape: AttnShape, dtype: str, scope: str, mode: str) -> int | None:
+    """Minimum HBM traffic of the op (what an ideal kernel must read and write once).
+
+    fwd: read qkv, write out and the fp32 log-sum-exp (+ bias table, + the mask the core takes as input);
+    bwd: read qkv, out, dout, lse (+ table, mask), write dqkv and dtable; fwd+bwd: the sum. The block
+    counts the H*W real tokens (padding is index arithmetic), the core the padded windows it is given.
+    """
+    if scope == "layer":
+        return None
+    elt = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    s = shape
+    tokens = s.batch * (s.res * s.res if scope == "block" else s.n_windows * s.tokens)
+    lse = s.batch * s.n_windows * s.heads * s.tokens * 4
+    table = (2 * s.window - 1) ** 2 * s.heads * 4
+    mask = s.n_windows * s.tokens * s.tokens * 4 if scope == "core" and s.shift else 0
+    qkv, out = tokens * 3 * s.dim * elt, tokens * s.dim * elt
+    fwd = qkv + out + lse + table + mask
+    bwd = qkv + 2 * out + lse + table + mask + qkv + table
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+# ------------------------------------------------------------------------------------------------ cases
+
+
+def cases(ctx: RunContext) -> Iterator[Case]:
+    """Every case of the suite in priority order, after the --only / --dtypes filters."""
+    from .attention_providers import PROVIDERS
+
+    for shape, dtype in plan(ctx.device, ctx.quick):
+        if not ctx.wants(shape.name, dtype):
+            continue
+        for scope in SCOPES:
+            yield Case(
+                suite="attention", scope=scope, shape_name=shape.name, shape=shape.as_dict(), dtype=dtype,
+                modes=("fwd", "bwd", "fwd+bwd"),
+                make_inputs=lambda s=shape, d=dtype, sc=scope: make_inputs(s, d, sc, ctx.device),
+                providers=ctx.select(PROVIDERS[scope]),
+                bytes_min=lambda mode, s=shape, d=dtype, sc=scope: bytes_min(s, d, sc, mode),
+            )
+
+
+def run(ctx: RunContext) -> Iterator[list[Record]]:
+    """Run the suite case by case (the caller writes results as they come)."""
+    return run_cases(cases(ctx), ctx)
