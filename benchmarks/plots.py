@@ -30,11 +30,12 @@ def _label(r: Rec) -> str:
 
 
 def _bars(ax, records: list[Rec], value: Callable[[Rec], float | None], ylabel: str, log: bool = False,
-          baseline: float = 0.0) -> bool:
+          baseline: float = 0.0, providers: list[str] | None = None) -> bool:
     """Grouped bars: x = case label, one bar per provider, drawn from ``baseline`` (1 for speed-ups, so a
-    bar above the line is faster). False when there is nothing to draw."""
+    bar above the line is faster). ``providers`` fixes each provider's slot and colour across the panels of
+    a figure (one legend serves them all). False when there is nothing to draw."""
     labels = list(dict.fromkeys(_label(r) for r in records))
-    provs = list(dict.fromkeys(r["provider"] for r in records))
+    provs = providers or list(dict.fromkeys(r["provider"] for r in records))
     vals = {(_label(r), r["provider"]): value(r) for r in records}
     if not any(v for v in vals.values()):
         return False
@@ -42,7 +43,7 @@ def _bars(ax, records: list[Rec], value: Callable[[Rec], float | None], ylabel: 
     for i, p in enumerate(provs):
         xs = [j + (i - (len(provs) - 1) / 2) * width for j in range(len(labels))]
         ys = [vals.get((lab, p)) for lab in labels]
-        ax.bar(xs, [y - baseline if y else 0.0 for y in ys], width, bottom=baseline, label=p)
+        ax.bar(xs, [y - baseline if y else 0.0 for y in ys], width, bottom=baseline, label=p, color=f"C{i % 10}")
     ax.set_xticks(range(len(labels)), labels, fontsize=7)
     ax.set_ylabel(ylabel, fontsize=8)
     if log:
@@ -98,9 +99,10 @@ def attention(meta: dict[str, Any], records: list[Rec], stem: Path, written: lis
         value = _speedup({(r["scope"], r["shape_name"], r["mode"]): r["time_ms"]["median"]
                           for r in rs if r["provider"] == base})
         drew = False
+        provs = list(dict.fromkeys(r["provider"] for r in rs))
         for ax, mode in zip(axes[:, 0], modes):
             drew |= _bars(ax, [r for r in rs if r["mode"] == mode], value, f"{mode}: speed-up vs {base}", log=True,
-                          baseline=1.0)
+                          baseline=1.0, providers=provs)
         axes[0, 0].legend(fontsize=7, ncol=4)
         fig.suptitle(_title(meta, f"window attention ({scope})", dtype))
         if drew:
@@ -132,8 +134,10 @@ def losses(meta: dict[str, Any], records: list[Rec], stem: Path, written: list[P
     for j, scope in enumerate(scopes):
         mode = "fwd+bwd" if scope != "match" else "fwd"
         rs = [r for r in recs if r["scope"] == scope and r["mode"] == mode and r["dtype"] == dtype]
-        _bars(axes[0, j], rs, lambda r: r["time_ms"]["median"], f"{scope} {mode}: ms", log=True)
-        if not _bars(axes[1, j], rs, lambda r: r["peak_mem_mb"], f"{scope} {mode}: peak MB", log=True):
+        provs = list(dict.fromkeys(r["provider"] for r in rs))
+        _bars(axes[0, j], rs, lambda r: r["time_ms"]["median"], f"{scope} {mode}: ms", log=True, providers=provs)
+        if not _bars(axes[1, j], rs, lambda r: r["peak_mem_mb"], f"{scope} {mode}: peak MB", log=True,
+                     providers=provs):
             axes[1, j].set_axis_off()
             axes[1, j].text(0.5, 0.5, "memory not measured on the CPU", ha="center", transform=axes[1, j].transAxes)
         axes[0, j].legend(fontsize=6)
