@@ -305,13 +305,13 @@ def build_loader(cfg: dict, env: DistEnv, root: Path):
     aug = MultiCropAugmentation(d["global_crop_size"], d["local_crop_size"], tuple(d["global_crops_scale"]),
                                 tuple(d["local_crops_scale"]), d["local_crops_number"])
     dataset = ImageDataset(root, aug, seed=seed)
+    probe = dataset[0]  # fail fast on an unreadable first image
+    if "error" in probe:
+        raise DataError(probe["error"])
     sampler = GlobalBatchSampler(len(dataset), o["batch_size"], env.rank, env.world_size, seed=seed)
     if sampler.steps_per_epoch == 0:
         raise DataError(f"{root} has {len(dataset)} images, fewer than one global batch of {sampler.global_batch} "
                         f"(optim.batch_size {o['batch_size']} x {env.world_size} processes); lower --batch-size")
-    probe = dataset[0]
-    if "error" in probe:
-        raise DataError(probe["error"])
     loader = DataLoader(dataset, batch_size=o["batch_size"], sampler=sampler, num_workers=d["num_workers"],
                         collate_fn=collate_crops, pin_memory=env.device.type == "cuda", drop_last=True,
                         generator=torch.Generator(), persistent_workers=False)

@@ -19,14 +19,9 @@ from esvit.models import (
 )
 from esvit.models.swin import PatchMerging, SwinBlock
 from esvit_kernels.nn import WindowAttention
+from tests import esvit_helpers
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = esvit_helpers.one_thread  # fixture
 
 
 def _perturb(model: nn.Module) -> nn.Module:

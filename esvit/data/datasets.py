@@ -93,7 +93,10 @@ class ImageDataset(Dataset):
             with open(path, "rb") as f:
                 img = Image.open(f)
                 img = img.convert("RGB")
-        except Exception as exc:  # PIL raises many types for bad files
+        except Image.UnidentifiedImageError:
+            return {"error": f"cannot read image {path}: not a valid image file (corrupt or unknown format)",
+                    "index": index}
+        except Exception as exc:  # PIL raises many types for truncated / broken files
             return {"error": f"cannot read image {path}: {type(exc).__name__}: {exc}", "index": index}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.sample_seed(index))
