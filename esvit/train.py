@@ -378,7 +378,15 @@ def _pretrain(cfg: dict, env: DistEnv) -> dict:
     path = out / "checkpoint.pth"
     start_epoch, start_step = 0, 0
     sums = {"loss": 0.0, "loss_view": 0.0, "loss_region": 0.0, "steps": 0, "time": 0.0}
-    if path.exists():
+    exists = path.exists()
+    if env.distributed:  # every rank must see the checkpoint rank 0 resumes from
+        seen: list = [None] * env.world_size
+        dist.all_gather_object(seen, exists)
+        if any(seen) and not all(seen):
+            missing = [r for r, s in enumerate(seen) if not s]
+            raise CheckpointError(f"{path} exists on some ranks but not on ranks {missing}: the output directory "
+                                  "must be shared by all nodes to resume")
+    if exists:
         state = ckpt.load_checkpoint(path)
         for w in _check_resumable(state["config"], cfg, state.get("world_size", 1), env.world_size):
             _say(env, f"warning: {w}")
@@ -423,7 +431,8 @@ def _pretrain(cfg: dict, env: DistEnv) -> dict:
         dataset.set_epoch(epoch)
         step = first
         bar = tqdm(total=spe, initial=first, desc=f"epoch {epoch + 1}/{o['epochs']}", unit="step",
-                   disable=not (env.is_main and t["progress"]), dynamic_ncols=True, leave=False, file=sys.stderr)
+                   disable=None if env.is_main and t["progress"] else True,  # None: only on a terminal
+                   dynamic_ncols=True, leave=False, file=sys.stderr)
         tick = time.perf_counter()
         for batch in loader:
             if batch.errors:

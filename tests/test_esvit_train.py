@@ -185,3 +185,16 @@ def test_load_backbone_contract(tmp_path, cache):
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_backbone(tmp_path / "junk.pth")
+
+
+def test_resume_refuses_another_configuration(tmp_path, cache):
+    from esvit.errors import ConfigError
+
+    out = tmp_path / "run"
+    pretrain(tiny_config(out, cache, "optim.epochs=1"))
+    with pytest.raises(ConfigError, match=r"another configuration \(head.out_dim: 256 -> 128\)"):
+        pretrain(tiny_config(out, cache, "optim.epochs=2", "head.out_dim=128"))
+    with pytest.raises(ConfigError, match="global batch of 16, this run has 8"):
+        pretrain(tiny_config(out, cache, "optim.epochs=2", "optim.batch_size=8"))
+    summary = pretrain(tiny_config(out, cache, "optim.epochs=2", "model.backend=torch"))  # allowed changes
+    assert [e["epoch"] for e in summary["epochs"]] == [1]
