@@ -18,8 +18,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["SCHEMA", "Field", "apply_overrides", "default_config", "describe", "load_config", "set_value",
-           "validate"]
+__all__ = ["SCHEMA", "Field", "apply_overrides", "default_config", "describe", "from_dict", "load_config",
+           "set_value", "validate"]
 
 
 @dataclass(frozen=True)
@@ -230,6 +230,13 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]
     if isinstance(data, dict) and data.get("base"):
         layers = _read_yaml(path.parent / str(data["base"]), seen + (path,))
     return layers + [(data, str(path))]
+
+
+def from_dict(data: dict) -> dict:
+    """A full, validated config from a possibly partial nested dict (missing fields take their defaults)."""
+    cfg = default_config()
+    _merge(cfg, data, "config")
+    return validate(cfg)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import validate
+from .config import from_dict
 from .distributed import DistEnv, all_reduce_mean, barrier, cleanup, init_distributed
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .losses import EsViTLoss
@@ -105,15 +105,16 @@ def cancel_last_layer_grads(model: nn.Module) -> None:
 class Trainer:
     """Student / teacher / heads / loss / AdamW / schedules of one EsViT run, stepped one batch at a time.
 
-    ``Trainer(cfg, steps_per_epoch=N)`` builds everything on ``env.device`` (CPU by default) from a config
-    dict (:func:`esvit.config.load_config`); ``train_step(crops)`` runs one step on a list of crop batches
+    ``Trainer(cfg, steps_per_epoch=N, device="cuda")`` builds everything from a config dict -- full
+    (:func:`esvit.config.load_config`) or partial (e.g. ``{"model": {"arch": "swin_tiny"}, "optim":
+    {"batch_size": 64}}``, the rest defaults); ``train_step(crops)`` runs one step on a list of crop batches
     ``[global_1, global_2, local_1, ...]`` (each (B, 3, H, W)) and returns :class:`StepStats`. Under
     ``torchrun`` the student is wrapped in DistributedDataParallel and the centers are all-reduced.
     """
 
     def __init__(self, cfg: dict, *, steps_per_epoch: int, env: DistEnv | None = None,
                  device: str | torch.device | None = None) -> None:
-        self.cfg = cfg = validate(copy.deepcopy(cfg))
+        self.cfg = cfg = from_dict(copy.deepcopy(cfg))
         if env is None:
             env = DistEnv(device=torch.device(device or "cpu"))
         self.env, self.device = env, env.device
@@ -335,7 +336,7 @@ def pretrain(cfg: dict) -> dict:
     epoch and every ``train.save_every`` steps, atomically) and ``checkpointNNNN.pth`` copies. A
     ``checkpoint.pth`` already there is resumed from.
     """
-    cfg = validate(copy.deepcopy(cfg))
+    cfg = from_dict(copy.deepcopy(cfg))
     env = init_distributed(cfg["train"]["device"])
     try:
         return _pretrain(cfg, env)

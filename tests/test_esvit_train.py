@@ -198,3 +198,16 @@ def test_resume_refuses_another_configuration(tmp_path, cache):
         pretrain(tiny_config(out, cache, "optim.epochs=2", "optim.batch_size=8"))
     summary = pretrain(tiny_config(out, cache, "optim.epochs=2", "model.backend=torch"))  # allowed changes
     assert [e["epoch"] for e in summary["epochs"]] == [1]
+
+
+def test_trainer_from_a_partial_config():
+    from esvit.errors import ConfigError
+
+    part = {"model": {"arch": "swin_micro", "window_size": 4, "backend": "torch"},
+            "data": {"global_crop_size": 32, "local_crop_size": 16},
+            "head": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}, "optim": {"batch_size": 2}}
+    tr = Trainer(part, steps_per_epoch=2)
+    assert tr.cfg["optim"]["lr"] == 5e-4 and tr.global_batch == 2
+    assert tr.train_step(_crops(b=2)).loss > 0
+    with pytest.raises(ConfigError, match="unknown config key optim.bs"):
+        Trainer({"optim": {"bs": 2}}, steps_per_epoch=2)
