@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -277,8 +278,6 @@ def _check_resumable(old: dict, new: dict, old_world: int, new_world: int) -> li
 
 def resolve_data_root(cfg: dict, env: DistEnv) -> Path:
     """The image directory: ``data.path``, or the embedded dataset (generated once, by one process per node)."""
-    import os
-
     from .data import ensure_embedded
 
     d = cfg["data"]

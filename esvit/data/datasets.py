@@ -113,6 +113,10 @@ class Batch:
     indices: torch.Tensor
     errors: list[str]
 
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader's pin-memory thread (``pin_memory=True``) for faster copies to the GPU."""
+        return Batch([c.pin_memory() for c in self.crops], self.labels, self.indices, self.errors)
+
 
 def collate_crops(items: list[dict]) -> Batch:
     errors = [it["error"] for it in items if "error" in it]
