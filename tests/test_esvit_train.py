@@ -53,7 +53,10 @@ def test_step_semantics(tmp_path, cache):
 
 
 def test_loss_goes_down(tmp_path, cache):
-    result = pretrain(tiny_config(tmp_path / "run", cache))
+    result = pretrain(tiny_config(tmp_path / "run", cache, "train.keep_every=4"))
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint0*.pth")) == ["checkpoint0004.pth",
+                                                                                  "checkpoint0008.pth"]
+    assert load_checkpoint(tmp_path / "run" / "checkpoint0004.pth")["epoch"] == 4
     losses = [e["loss"] for e in result["epochs"]]
     assert len(losses) == 8 and all(x == x for x in losses)
     assert losses[-1] < losses[0] - 0.2, losses
