@@ -1,0 +1,158 @@
+"""Checkpoints: atomic writes, RNG states as plain tensors / lists, loading with ``weights_only=True``.
+
+A training checkpoint (``OUTPUT/checkpoint.pth``) is a dict of plain types and tensors:
+
+``format`` ("esvit-pretrain"), ``version``, ``config`` (the nested config dict), ``epoch`` (epochs done),
+``step_in_epoch`` (steps done in the current epoch), ``iteration`` (global steps done), ``world_size``,
+``student`` / ``teacher`` (state dicts of :class:`esvit.models.MultiCropWrapper`: ``backbone.*``, ``head.*``,
+``region_head.*``), ``optimizer``, ``scaler`` (or None), ``loss`` (the two centers), ``epoch_stats`` (sums
+of the running epoch), ``rng`` (one entry per rank: torch / CUDA / numpy / python states).
+
+It is written to a temporary file in the same directory, fsynced and renamed over the old one, so a crash
+(even SIGKILL) in the middle of a write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+__all__ = ["FORMAT", "atomic_save", "get_rng_state", "keep_copy", "load_backbone", "load_checkpoint",
+           "remove_stale_temps", "set_rng_state"]
+
+FORMAT = "esvit-pretrain"
+VERSION = 1
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file next to ``path``, fsync, rename over ``path``, fsync the directory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def keep_copy(path: str | os.PathLike, copy_path: str | os.PathLike) -> None:
+    """Keep a periodic copy of ``path`` (a hard link when possible -- ``path`` is only ever replaced, never
+    written in place -- else a byte copy), atomically."""
+    path, copy_path = Path(path), Path(copy_path)
+    tmp = copy_path.with_name(f".{copy_path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, copy_path)
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Delete temp files left by writes that were killed; returns what was removed."""
+    removed = []
+    for p in Path(directory).glob(".*.pth.tmp-*"):
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def get_rng_state() -> dict:
+    """torch / CUDA / numpy / python RNG states as tensors and plain lists (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """A checkpoint written by ``esvit pretrain`` (loaded with ``weights_only=True``)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such checkpoint: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an esvit pretraining checkpoint (no format={FORMAT!r} entry); for "
+                              "official Swin / EsViT / timm weights use esvit.models.load_swin_weights")
+    return state
+
+
+def load_backbone(
+    path: str | os.PathLike, which: str = "teacher", backend: str = "auto", map_location: Any = "cpu",
+    expect_arch: str | None = None,
+) -> tuple[nn.Module, dict]:
+    """Rebuild the backbone from a pretraining checkpoint's stored config and load its weights.
+
+    Args:
+        which: "teacher" (what EsViT evaluates) or "student".
+        backend: window-attention backend of the rebuilt Swin.
+        expect_arch: when given, a checkpoint of another architecture is an error.
+    Returns:
+        (backbone in eval mode, the checkpoint's config dict).
+    """
+    from .models import create_backbone
+
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    state = load_checkpoint(path, map_location)
+    cfg = state["config"]
+    arch = cfg["model"]["arch"]
+    if expect_arch is not None and arch != expect_arch:
+        raise CheckpointError(f"{path} holds a {arch} backbone, not {expect_arch}")
+    kwargs = {"patch_size": cfg["model"]["patch_size"]} if arch in ("deit_small", "vit_base") else {}
+    model = create_backbone(arch, window_size=cfg["model"]["window_size"], img_size=cfg["data"]["global_crop_size"],
+                            backend=backend, drop_path_rate=0.0, **kwargs)
+    sd = {k[len("backbone."):]: v for k, v in state[which].items() if k.startswith("backbone.")}
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the {which} weights in {path} do not fit a {arch} backbone: {exc}") from exc
+    model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu")
+    return model.eval(), cfg

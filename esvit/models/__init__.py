@@ -1,0 +1,90 @@
+"""Backbones, heads and the multi-crop wrapper of EsViT.
+
+:func:`create_backbone` builds every architecture of the paper's tables with one contract: ``.num_features``,
+``forward(x) -> (view_feature (B, C), region_tokens (B, L, C))`` and ``forward_return_n_last_blocks(x, n)``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from esvit_kernels.nn import WindowAttention
+
+from .convert import convert_swin_state_dict, load_swin_weights
+from .heads import DINOHead
+from .resnet import ResNetBackbone
+from .swin import SWIN_ARCHS, SwinTransformer
+from .vit import VIT_ARCHS, VisionTransformer
+from .wrapper import MultiCropOutput, MultiCropWrapper
+
+__all__ = [
+    "ARCHS",
+    "DINOHead",
+    "MultiCropOutput",
+    "MultiCropWrapper",
+    "ResNetBackbone",
+    "SWIN_ARCHS",
+    "SwinTransformer",
+    "VIT_ARCHS",
+    "VisionTransformer",
+    "convert_swin_state_dict",
+    "create_backbone",
+    "load_swin_weights",
+    "min_crop_size",
+    "set_backend",
+]
+
+ARCHS: tuple[str, ...] = (*SWIN_ARCHS, *VIT_ARCHS, "resnet50")
+
+
+def min_crop_size(name: str, patch_size: int = 16) -> int:
+    """Smallest crop (pixels) the architecture can embed: one patch (Swin 4, ViT ``patch_size``, ResNet 32)."""
+    if name in SWIN_ARCHS:
+        return 4
+    if name in VIT_ARCHS:
+        return patch_size
+    return 32
+
+
+def create_backbone(
+    name: str, *, window_size: int = 7, img_size: int = 224, backend: str = "auto",
+    drop_path_rate: float | None = None, use_checkpoint: bool = False, **kwargs,
+) -> nn.Module:
+    """Build a backbone by name: swin_micro | swin_tiny | swin_small | swin_base | deit_small | vit_base | resnet50.
+
+    Args:
+        window_size: Swin window (7 or 14); ignored by the others.
+        img_size: global crop size; fixes Swin's per-stage windows and the ViT position-embedding grid.
+        backend: window-attention backend for Swin ("auto" | "triton" | "cuda" | "torch").
+        drop_path_rate: None = the architecture's default (0.1 for T, 0.2 for S/B, 0.1 for the ViTs);
+            pass 0 for a teacher.
+        use_checkpoint: gradient (activation) checkpointing of every block.
+        kwargs: overrides of the architecture's fields (Swin: embed_dim, depths, num_heads, mlp_ratio,
+            norm_eps, patch_size; ViT: embed_dim, depth, num_heads, patch_size, norm_eps).
+    """
+    if name in SWIN_ARCHS:
+        a = SWIN_ARCHS[name]
+        spec = {"embed_dim": a.embed_dim, "depths": a.depths, "num_heads": a.num_heads,
+                "drop_path_rate": a.drop_path_rate if drop_path_rate is None else drop_path_rate}
+        spec.update(kwargs)
+        return SwinTransformer(img_size=img_size, window_size=window_size, backend=backend,
+                               use_checkpoint=use_checkpoint, **spec)
+    if name in VIT_ARCHS:
+        a = VIT_ARCHS[name]
+        spec = {"embed_dim": a.embed_dim, "depth": a.depth, "num_heads": a.num_heads,
+                "drop_path_rate": a.drop_path_rate if drop_path_rate is None else drop_path_rate}
+        spec.update(kwargs)
+        return VisionTransformer(img_size=img_size, use_checkpoint=use_checkpoint, **spec)
+    if name == "resnet50":
+        if kwargs:
+            raise ValueError(f"resnet50 takes no architecture overrides, got {sorted(kwargs)}")
+        return ResNetBackbone(50, use_checkpoint=use_checkpoint)
+    raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHS)}")
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Switch every fused window-attention module of ``model`` to ``backend`` (weights unchanged)."""
+    for m in model.modules():
+        if isinstance(m, WindowAttention):
+            m.backend = backend
+    return model

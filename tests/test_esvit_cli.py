@@ -1,0 +1,156 @@
+"""The esvit command: help, make-dataset, clear errors on bad input, and surviving SIGKILL mid-checkpoint."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from esvit.checkpoint import load_checkpoint
+from esvit.cli import main
+from esvit.config import SCHEMA
+from esvit.data import make_dataset, render_image
+from tests import esvit_helpers
+from tests.esvit_helpers import PYTHON, REPO, subprocess_env, tiny_args
+
+cache = esvit_helpers.cache  # fixture
+one_thread = esvit_helpers.one_thread  # fixture
+
+
+def test_help_documents_every_field(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--config", "--arch", "--data", "--output", "--epochs", "--batch-size", "--device", "--backend",
+                 "--seed", "--save-every"):
+        assert flag in text
+    for section, fields in SCHEMA.items():
+        for key in fields:
+            assert f"{section}.{key} =" in text
+
+
+def test_make_dataset_command(tmp_path, capsys):
+    assert main(["make-dataset", str(tmp_path / "d"), "--num-images", "30", "--num-classes", "3",
+                 "--val-fraction", "0.2", "--image-size", "32"]) == 0
+    assert "24 train / 6 val" in capsys.readouterr().out
+    assert len(list((tmp_path / "d" / "val").rglob("*.png"))) == 6
+    assert main(["make-dataset", str(tmp_path / "e"), "--num-images", "30", "--num-classes", "40"]) == 2
+    assert "between 1 and 32" in capsys.readouterr().err
+
+
+def _bad_folders(root: Path) -> dict[str, Path]:
+    (root / "empty").mkdir()
+    (root / "afile").write_text("x")
+    only_bad = root / "only_bad" / "cls"
+    only_bad.mkdir(parents=True)
+    (only_bad / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    mixed = root / "mixed"
+    make_dataset(mixed, 20, 2, image_size=32)
+    (mixed / "train" / "00_circle_solid" / "00_circle_solid_000002.png").write_bytes(b"garbage")
+    return {"empty": root / "empty", "file": root / "afile", "only_bad": root / "only_bad",
+            "mixed": mixed, "missing": root / "missing"}
+
+
+@pytest.mark.parametrize("case,extra,message", [
+    ("empty", [], "no images"),
+    ("missing", [], "does not exist"),
+    ("file", [], "not a directory"),
+    ("only_bad", [], r"cannot read image .*a\.png"),
+    ("mixed", ["optim.batch_size=20"], r"cannot read image .*000002\.png"),
+    ("mixed", ["optim.batch_size=64"], "fewer than one global batch"),
+    ("mixed", ["optim.lrr=1"], r"unknown config key optim\.lrr \(did you mean optim\.lr\?\)"),
+    ("mixed", ["optimizer.lr=1"], "unknown config section 'optimizer'"),
+    ("mixed", ["optim.lr=fast"], "optim.lr must be a number"),
+    ("mixed", ["--arch", "deit_small", "data.local_crop_size=8"],
+     r"data.local_crop_size = 8 px is smaller than one patch of deit_small \(16 px\)"),
+    ("mixed", ["data.global_crop_size=2"], "smaller than one patch of swin_micro"),
+])
+def test_bad_input_gives_a_clear_error(tmp_path, cache, capsys, case, extra, message):
+    folders = _bad_folders(tmp_path)
+    rc = main(tiny_args(tmp_path / "out", cache, "--data", str(folders[case]), *extra))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "esvit pretrain: error:" in err and "Traceback" not in err
+    assert re.search(message, err), err
+
+
+def test_unknown_key_in_yaml_and_base_include(tmp_path, cache, capsys):
+    (tmp_path / "base.yaml").write_text("optim:\n  epochs: 3\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nmodel:\n  window: 7\n")
+    rc = main(tiny_args(tmp_path / "out", cache, "--config", str(tmp_path / "child.yaml")))
+    err = capsys.readouterr().err
+    assert rc == 2 and "child.yaml: unknown config key model.window (did you mean model.window_size?)" in err
+    from esvit.config import load_config
+
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nmodel:\n  window_size: 14\n")
+    cfg = load_config(tmp_path / "child.yaml", ["optim.lr=1e-3"])
+    assert (cfg["optim"]["epochs"], cfg["model"]["window_size"], cfg["optim"]["lr"]) == (3, 14, 1e-3)
+
+
+def test_every_preset_validates():
+    from esvit.config import load_config, validate
+
+    presets = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(presets) >= 13
+    for p in presets:
+        validate(load_config(p))
+
+
+_KILL_DURING_SAVE = textwrap.dedent("""
+    import io, sys, time, torch
+    save = torch.save
+    def stalled(obj, f, *a, **k):  # write half the checkpoint, then hang: the parent SIGKILLs us here
+        buf = io.BytesIO()
+        save(obj, buf, *a, **k)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        f.flush()
+        open(sys.argv[1], "w").close()
+        time.sleep(600)
+    torch.save = stalled
+    from esvit.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def test_sigkill_while_writing_checkpoint_resumes_from_previous(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    args = tiny_args(out, cache, "optim.epochs=2", "train.save_every=2")
+    assert main(args[:] + ["optim.epochs=1"]) == 0  # first epoch: checkpoint.pth at epoch 1
+    before = (out / "checkpoint.pth").read_bytes()
+    marker = tmp_path / "writing"
+    proc = subprocess.Popen([PYTHON, "-c", _KILL_DURING_SAVE, str(marker), *args], env=subprocess_env(),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "the child never started writing a checkpoint"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(out.glob(".checkpoint.pth.tmp-*")), "a partial temp file was expected"
+    assert (out / "checkpoint.pth").read_bytes() == before  # untouched by the killed write
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 1
+    capsys.readouterr()
+    assert main(args) == 0  # the same command resumes and finishes
+    assert "resuming from" in capsys.readouterr().out
+    final = load_checkpoint(out / "checkpoint.pth")
+    assert (final["epoch"], final["iteration"]) == (2, 8)
+    assert not list(out.glob(".checkpoint.pth.tmp-*"))
+
+
+def test_python_dash_m_esvit(tmp_path):
+    run = subprocess.run([PYTHON, "-m", "esvit", "make-dataset", str(tmp_path / "d"), "--num-images", "4",
+                          "--num-classes", "2", "--image-size", "16"], env=subprocess_env(), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert len(list((tmp_path / "d" / "train").rglob("*.png"))) == 4
+    assert render_image(0, 0, 16).size == (16, 16)
+    assert sys.executable == PYTHON

@@ -1,0 +1,138 @@
+"""Generated dataset, multi-crop augmentation, image folders, sampler and their error handling."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from esvit.data import (
+    GlobalBatchSampler,
+    ImageDataset,
+    MultiCropAugmentation,
+    collate_crops,
+    ensure_embedded,
+    make_dataset,
+    render_image,
+    scan_image_folder,
+)
+from esvit.errors import DataError
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_make_dataset_deterministic_labelled_split(tmp_path):
+    meta = make_dataset(tmp_path / "a", 60, 6, val_fraction=0.2, image_size=32, seed=3)
+    make_dataset(tmp_path / "b", 60, 6, val_fraction=0.2, image_size=32, seed=3)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert meta["counts"] == {"train": 48, "val": 12}
+    classes = sorted(p.name for p in (tmp_path / "a" / "train").iterdir())
+    assert classes == meta["classes"] and len(classes) == 6
+    assert all(len(list((tmp_path / "a" / "val" / c).iterdir())) == 2 for c in classes)
+    assert json.loads((tmp_path / "a" / "esvit_dataset.json").read_text())["num_images"] == 60
+    # the same arguments again: a no-op; other arguments into a used directory: an error
+    assert make_dataset(tmp_path / "a", 60, 6, val_fraction=0.2, image_size=32, seed=3)["num_classes"] == 6
+    with pytest.raises(DataError, match="other arguments"):
+        make_dataset(tmp_path / "a", 60, 5, image_size=32)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "x.txt").write_text("x")
+    with pytest.raises(DataError, match="not an empty directory"):
+        make_dataset(tmp_path / "c", 10, 2)
+    with pytest.raises(DataError, match="between 1 and 32"):
+        make_dataset(tmp_path / "d", 100, 33)
+    # a generated root means its train split
+    samples, names = scan_image_folder(tmp_path / "a")
+    assert len(samples) == 48 and names == classes
+
+
+def test_generated_images_are_varied():
+    imgs = [np.asarray(render_image(i, i % 8, 48), dtype=np.float32) for i in range(16)]
+    assert all(im.shape == (48, 48, 3) and im.std() > 10 for im in imgs)  # not flat
+    # two images of one class differ (colour, position, scale, background vary)
+    assert np.abs(imgs[0] - imgs[8]).mean() > 10
+    assert np.array_equal(np.asarray(render_image(5, 3, 48)), np.asarray(render_image(5, 3, 48)))
+
+
+def test_multicrop_augmentation_shapes():
+    aug = MultiCropAugmentation(64, 32, local_number=3)
+    torch.manual_seed(0)
+    crops = aug(render_image(0, 0, 96))
+    assert [tuple(c.shape) for c in crops] == [(3, 64, 64)] * 2 + [(3, 32, 32)] * 3
+    assert aug.num_crops == 5
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_dataset(root, 24, 3, image_size=48)
+    return root
+
+
+def test_samples_are_a_function_of_seed_epoch_index(folder):
+    ds = ImageDataset(folder, MultiCropAugmentation(32, 16, local_number=2), seed=7)
+    before = torch.get_rng_state()
+    a, b = ds[3], ds[3]
+    assert torch.equal(torch.get_rng_state(), before)  # the global RNG is untouched
+    assert all(torch.equal(x, y) for x, y in zip(a["crops"], b["crops"]))
+    ds.set_epoch(1)
+    assert not torch.equal(ds[3]["crops"][0], a["crops"][0])
+    # worker processes produce the very same batches
+    ds.set_epoch(0)
+    sampler = GlobalBatchSampler(len(ds), 4, seed=1)
+    batches = [[c.clone() for c in b.crops] for b in DataLoader(ds, 4, sampler=sampler, collate_fn=collate_crops)]
+    with_workers = list(DataLoader(ds, 4, sampler=sampler, collate_fn=collate_crops, num_workers=2))
+    assert len(batches) == len(with_workers) == 6
+    for x, y in zip(batches, with_workers):
+        assert all(torch.equal(p, q) for p, q in zip(x, y.crops))
+
+
+def test_sampler_global_batches_do_not_depend_on_world_size():
+    one = GlobalBatchSampler(50, 8, seed=3)
+    two = [GlobalBatchSampler(50, 4, rank=r, world_size=2, seed=3) for r in range(2)]
+    for s in (one, *two):
+        s.set_epoch(2)
+    assert one.steps_per_epoch == two[0].steps_per_epoch == 6
+    a, r0, r1 = list(one), list(two[0]), list(two[1])
+    for k in range(6):
+        assert a[8 * k:8 * k + 8] == r0[4 * k:4 * k + 4] + r1[4 * k:4 * k + 4]
+    one.set_epoch(2, start_step=4)
+    assert list(one) == a[32:] and len(one) == 16
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        scan_image_folder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        scan_image_folder(tmp_path / "empty")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="not a directory"):
+        scan_image_folder(tmp_path / "file")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    render_image(0, 0, 32).save(flat / "a.png")
+    (flat / "b.png").write_bytes(b"not a png at all")
+    samples, classes = scan_image_folder(flat)
+    assert [Path(p).name for p, _ in samples] == ["a.png", "b.png"] and classes == ["flat"]
+    ds = ImageDataset(flat, MultiCropAugmentation(32, 16, local_number=1))
+    bad = ds[1]
+    assert "error" in bad and "b.png" in bad["error"]
+    batch = collate_crops([ds[0], bad])
+    assert batch.crops == [] and len(batch.errors) == 1
+
+
+def test_ensure_embedded_once(tmp_path):
+    a = ensure_embedded(tmp_path, 20, 4, 32)
+    stamp = (a / "esvit_dataset.json").stat().st_mtime_ns
+    assert ensure_embedded(tmp_path, 20, 4, 32) == a
+    assert (a / "esvit_dataset.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [a.name]  # no temp directory left
+    assert len(scan_image_folder(a)[0]) == 20
