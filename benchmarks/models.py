@@ -10,7 +10,8 @@ in parallel and imported lazily: when it is missing, its providers are skipped w
 Scopes: ``infer`` (eval, no grad, bf16 autocast: the paper's throughput metric); ``backbone_train`` (train
 mode forward + backward of a mean-feature loss: the backbone's share of a training step); ``esvit_step``
 (the full EsViT step -- multi-crop student/teacher forward, both losses, backward, optimiser and EMA --
-through ``esvit.train.make_benchmark_step``, see :data:`STEP_CONTRACT`); ``*_max_batch``: the largest
+through ``esvit.train.Trainer.train_step`` on synthetic 2 x global + 8 x local crops, per backend: the
+``torch`` backend runs the eager window attention and losses); ``*_max_batch``: the largest
 batch that runs, found by doubling until CUDA OOM then bisecting twice (GPU only; for our backbones and
 timm's, not the patched timm models).
 """
@@ -35,10 +36,6 @@ TIMM_NAMES = {
     "vit_base": "vit_base_patch16_224",
     "resnet50": "resnet50",
 }
-STEP_CONTRACT = (
-    "esvit.train.make_benchmark_step(arch, *, batch_size, backend, device, amp_dtype) -> Callable[[], Any]: "
-    "one full EsViT training step per call on synthetic 2x224 + 8x96 multi-crop data"
-)
 MAX_BATCH_CAP = {"infer": 16384, "backbone_train": 4096}
 
 
@@ -145,29 +142,52 @@ def _timm(backend: str | None):
     return build
 
 
-def _esvit_step(ins: ModelInputs) -> Forward:
-    from esvit.train import make_benchmark_step
+def _esvit_step(backend: str):
+    """One full EsViT training step per call: student on 2 global + 8 local crops, teacher on the globals,
+    view + region losses, backward, AdamW, teacher EMA. ``backend`` drives the window attention; the
+    losses run on Triton unless ``backend`` is "torch" (the cuda backend has no fused view loss)."""
 
-    amp = DTYPES[ins.dtype] if ins.device.type == "cuda" and ins.dtype != "fp32" else None
-    step = make_benchmark_step(ins.model, batch_size=ins.batch, backend="auto", device=ins.device, amp_dtype=amp)
-    return Forward(step)
+    def build(ins: ModelInputs) -> Forward:
+        from esvit.train import Trainer
+
+        local = 96 if ins.img >= 224 else max(32, ins.img // 2)
+        precision = "fp32" if ins.device.type != "cuda" else {"bf16": "bf16", "fp16": "fp16"}.get(ins.dtype, "fp32")
+        cfg = {
+            "model": {"arch": ins.model, "window_size": 7, "backend": backend},
+            "loss": {"backend": "torch" if backend == "torch" else "auto"},
+            "data": {"global_crop_size": ins.img, "local_crop_size": local, "local_crops_number": 8},
+            "optim": {"batch_size": ins.batch},
+            "train": {"precision": precision},
+        }
+        if ins.device.type != "cuda":  # CPU smoke pass: exercise the path, not K = 65536 heads on 2 cores
+            cfg["head"] = {"out_dim": 4096, "hidden_dim": 512}
+        trainer = Trainer(cfg, steps_per_epoch=10_000, device=ins.device)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        crops = [torch.randn(ins.batch, 3, ins.img, ins.img, generator=g).to(ins.device) for _ in range(2)]
+        crops += [torch.randn(ins.batch, 3, local, local, generator=g).to(ins.device) for _ in range(8)]
+        return Forward(lambda: trainer.train_step(crops))
+
+    return build
 
 
-def _step_check(ins: ModelInputs, mode: str) -> str | None:
-    why = module_available("esvit.train")
-    if why:
-        return f"the EsViT training stack has not landed: {why}; expected {STEP_CONTRACT}"
-    import esvit.train
+def _step_check(backend: str) -> Callable[[ModelInputs, str], str | None]:
+    def check(ins: ModelInputs, mode: str) -> str | None:
+        why = module_available("esvit.train")
+        if why:
+            return f"the EsViT training stack is not importable: {why}"
+        if backend in ("triton", "cuda"):
+            return _backend_check(backend)(ins, mode)
+        return None
 
-    if not hasattr(esvit.train, "make_benchmark_step"):
-        return f"esvit.train has no make_benchmark_step; expected {STEP_CONTRACT}"
-    return None
+    return check
 
 
 def providers(model: str, scope: str) -> list[Provider]:
     """The providers of one model and scope."""
     if scope == "esvit_step":
-        return [Provider("esvit", "ours", _esvit_step, _step_check, note="full EsViT step, backend='auto'")]
+        backends = ("triton", "cuda", "torch") if model.startswith("swin") else ("auto", "torch")
+        return [Provider(f"esvit+{b}", "ours", _esvit_step(b), _step_check(b), note=f"full EsViT step, backend='{b}'")
+                for b in backends]
     if model.startswith("swin"):
         out = [Provider(f"esvit+{b}", "ours", _esvit(b), _esvit_check(b)) for b in ("triton", "cuda", "torch")]
         out += [Provider(f"timm+{b}", "ours", _timm(b), _backend_check(b),
