@@ -45,7 +45,7 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "window_attention": ("triton", "cuda", "torch"),
     "shifted_window_attention": ("triton", "cuda", "torch"),
     "region_match": ("triton", "cuda", "torch"),
-    "region_loss": ("triton", "cuda", "torch"),
+    "region_loss": ("triton", "torch"),
     "multi_region_loss": ("triton", "torch"),
     "dino_loss": ("triton", "torch"),
 }
