@@ -32,7 +32,7 @@ test: build
 
 demo: $(STAMP)
 	$(PY) -m esvit_kernels
-	$(PY) -m esvit_kernels.demo
+	TRITON_INTERPRET=1 $(PY) -m esvit_kernels.demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -29,6 +29,7 @@ __all__ = [
     "BackendStatus",
     "BackendUnavailableError",
     "available_backends",
+    "backend_name",
     "resolve_backend",
     "triton_interpreting",
 ]
@@ -129,6 +130,12 @@ def available_backends() -> dict[str, BackendStatus]:
 
 
 _announced: set[tuple[str, str, str]] = set()
+
+
+@torch.compiler.assume_constant_result
+def backend_name(backend: str, device_type: str, op: str) -> str:
+    """:func:`resolve_backend`'s name only; a constant to ``torch.compile`` (no tracing into imports)."""
+    return resolve_backend(backend, device_type, op)[0]
 
 
 def resolve_backend(backend: str, device: torch.device | str, op: str = "op") -> tuple[str, str]:

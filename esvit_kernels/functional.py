@@ -11,8 +11,9 @@ from collections.abc import Sequence
 import torch
 
 from . import reference
-from .backends import resolve_backend
+from .backends import backend_name
 from .checks import check_same, check_temperature, check_tensor, pair
+from .ops import window_attention as _window_ops
 
 __all__ = [
     "window_attention",
@@ -26,8 +27,9 @@ __all__ = [
 
 def _fused(module: str, op: str, backend: str):
     """The fused implementation of ``op`` for ``backend`` from ``esvit_kernels.ops.<module>``."""
-    mod = importlib.import_module(f"esvit_kernels.ops.{module}")
-    return mod.get(op, backend)
+    if module == "window_attention":
+        return _window_ops.get(op, backend)
+    return importlib.import_module(f"esvit_kernels.ops.{module}").get(op, backend)
 
 
 def _check_unit_stride(x: torch.Tensor, name: str, backend: str) -> None:
@@ -104,7 +106,7 @@ def window_attention(
                              f"got {tuple(mask.shape)}")
         check_same({"q": q, "mask": mask}, dtype=False)
     scale = hd**-0.5 if scale is None else float(scale)
-    name, _ = resolve_backend(backend, q.device, "window_attention")
+    name = backend_name(backend, q.device.type, "window_attention")
     if name == "torch":
         return reference.window_attention(q, k, v, ws, bias_table, mask, scale)
     for t, tn in ((q, "q"), (k, "k"), (v, "v"), (mask, "mask")):
@@ -164,7 +166,7 @@ def shifted_window_attention(
         check_same({"qkv": qkv, "pad_qkv": pad_qkv}, dtype=False)
     hd = c3 // (3 * num_heads)
     scale = hd**-0.5 if scale is None else float(scale)
-    name, _ = resolve_backend(backend, qkv.device, "shifted_window_attention")
+    name = backend_name(backend, qkv.device.type, "shifted_window_attention")
     if name == "torch":
         return reference.shifted_window_attention(
             qkv, num_heads, ws, ss, bias_table, scale, pad_qkv, roll_before_pad
@@ -191,7 +193,7 @@ def region_match(
     if student_feats.shape[0] != teacher_feats.shape[0] or student_feats.shape[2] != teacher_feats.shape[2]:
         raise ValueError(f"student_feats (B, Ts, D) and teacher_feats (B, Tt, D) must agree on B and D, got "
                          f"{tuple(student_feats.shape)} and {tuple(teacher_feats.shape)}")
-    name, _ = resolve_backend(backend, student_feats.device, "region_match")
+    name = backend_name(backend, student_feats.device.type, "region_match")
     if name == "torch":
         return reference.region_match(student_feats.detach(), teacher_feats.detach())
     return _fused("losses", "region_match", name)(student_feats.detach(), teacher_feats.detach())
@@ -237,7 +239,7 @@ def region_loss(
     if match_index.numel() and (int(match_index.min()) < 0 or int(match_index.max()) >= tt):
         raise ValueError(f"match_index values must lie in [0, Tt={tt}), got range "
                          f"[{int(match_index.min())}, {int(match_index.max())}]")
-    name, _ = resolve_backend(backend, student_logits.device, "region_loss")
+    name = backend_name(backend, student_logits.device.type, "region_loss")
     if name == "torch":
         return reference.region_loss(student_logits, teacher_logits, match_index, center,
                                      student_temp, teacher_temp)
@@ -269,7 +271,7 @@ def dino_loss(
     _check_center(center, k, student_logits)
     student_temp = check_temperature(student_temp, "student_temp")
     teacher_temp = check_temperature(teacher_temp, "teacher_temp")
-    name, _ = resolve_backend(backend, student_logits.device, "dino_loss")
+    name = backend_name(backend, student_logits.device.type, "dino_loss")
     if name == "torch":
         return reference.dino_loss(student_logits, teacher_logits, center, student_temp, teacher_temp)
     return _fused("losses", "dino_loss", name)(student_logits, teacher_logits, center, student_temp, teacher_temp)
@@ -319,7 +321,7 @@ def multi_region_loss(
     _check_center(center, k, teacher_logits)
     student_temp = check_temperature(student_temp, "student_temp")
     teacher_temp = check_temperature(teacher_temp, "teacher_temp")
-    name, _ = resolve_backend(backend, teacher_logits.device, "multi_region_loss")
+    name = backend_name(backend, teacher_logits.device.type, "multi_region_loss")
     if name == "torch":
         return reference.multi_region_loss(student_logits, student_feats, teacher_logits, teacher_feats,
                                            center, student_temp, teacher_temp)

@@ -1,0 +1,707 @@
+"""Fused Triton kernels for Swin window attention, forward and backward.
+
+Layouts
+    * windows layout (``wa_*``): q, k, v (B*nW, heads, N, hd) read through their strides (timm's
+      ``qkv.unbind`` views need no copy); optional additive mask (nW, N, N) read in the kernel.
+    * map layout (``swa_*``): the (B, H, W, 3C) qkv map. Padding to a multiple of the window, the cyclic
+      shift (in either the official pad-then-roll or timm's roll-then-pad order), the window partition,
+      the shift mask (region labels compared per pair) and the reverse are all index arithmetic: each
+      tile row computes where its token lives in the map. Padding tokens read ``pad_qkv`` (the qkv
+      Linear's bias) and take part in attention unmasked, as in the official code.
+
+Tiling
+    One program attends one *tile* for one head: G whole windows (G * N <= TILE tokens, G > 1 only for
+    small windows, with a block-diagonal mask so windows do not see each other) against all TILE keys.
+    N = 49 -> TILE 64; N = 144/196 -> TILE 256 with the queries split into blocks of BM rows.
+
+Backward
+    TILE <= 64: one fused kernel per (chunk of tiles, head) recomputes P and writes dQ, dK, dV.
+    Larger tiles: a dQ kernel (query blocks) then a dK/dV kernel (key blocks).
+    Bias-table gradient: each program sums dS over all the windows it handles in registers (the
+    relative index of (i, j) is the same in every window) and writes that (BM, TILE) sum once; a
+    deterministic gather-and-sum maps the per-program sums onto the ((2Wh-1)(2Ww-1), heads) table. No
+    atomics anywhere: results are deterministic run to run. The padding vector's gradient is reduced the
+    same way.
+
+Precision: fp32 accumulation; P and dS are cast to the input dtype before the P@V / dS@K / dS^T@Q
+matmuls (as FlashAttention does); fp32 inputs use exact ("ieee") dots. Under ``TRITON_INTERPRET=1`` the
+bf16 operands of ``tl.dot`` are upcast to fp32, working around a triton 3.8 interpreter bug (bf16 dots
+return garbage there); compiled GPU code keeps bf16 dots.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpreting
+from .aot import launch
+
+__all__ = ["swa_forward", "swa_backward", "wa_forward", "wa_backward", "tile_config"]
+
+# module constants read inside @triton.jit functions must be constexpr for the compiler
+LOG2E = tl.constexpr(1.4426950408889634)
+NEG = tl.constexpr(-1.0e30)  # "minus infinity" for pairs that must not interact (other window, padding)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _dot(a, b, DOT_F32: tl.constexpr, IS_F32: tl.constexpr):
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IS_F32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _rows(
+    tile, t, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
+    G: tl.constexpr, N: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
+    SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr,
+):
+    """Per tile row t: window id, token n, valid, in-map (not padding), input/output offsets, label."""
+    g = t // N
+    n = t - g * N
+    w = tile * G + g
+    valid = (g < G) & (w < NW_TOT)
+    w64 = w.to(tl.int64)
+    if LAYOUT == 0:
+        in_off = w64 * s_b + n * s_y
+        out_off = w64 * o_sb + n * o_sy
+        inmap = valid
+        label = n * 0
+    else:
+        b = w64 // n_win
+        wi = (w64 - b * n_win).to(tl.int32)
+        wr = wi // n_ww
+        wc = wi - wr * n_ww
+        r = n // WW
+        c = n - r * WW
+        ys = wr * WH + r  # position in the padded, shifted map
+        xs = wc * WW + c
+        if ROLL_BEFORE_PAD:  # timm: roll the unpadded map, then pad
+            inmap = valid & (ys < H) & (xs < W)
+            y = (ys + SH) % H
+            x = (xs + SW) % W
+        else:  # official: pad, then roll the padded map
+            y = (ys + SH) % HP
+            x = (xs + SW) % WP
+            inmap = valid & (y < H) & (x < W)
+        in_off = b * s_b + y * s_y + x * s_x
+        out_off = b * o_sb + y * o_sy + x * o_sx
+        label = n * 0
+        if SH > 0:
+            label += 3 * ((ys >= HP - WH).to(tl.int32) + (ys >= HP - SH).to(tl.int32))
+        if SW > 0:
+            label += (xs >= WP - WW).to(tl.int32) + (xs >= WP - SW).to(tl.int32)
+    return w, n, valid, inmap, in_off, out_off, label
+
+
+@triton.jit
+def _load_tok(ptr, off, d, inmap, ispad, pad_ptr, HD: tl.constexpr, HAS_PAD: tl.constexpr):
+    """(rows, HD_PAD) block of one head's q, k or v; padding rows take the pad vector (or zeros)."""
+    dmask = d < HD
+    x = tl.load(ptr + off[:, None] + d[None, :], mask=inmap[:, None] & dmask[None, :], other=0.0)
+    if HAS_PAD:
+        p = tl.load(pad_ptr + d, mask=dmask, other=0.0)
+        x = tl.where(ispad[:, None], p[None, :].to(x.dtype), x)
+    return x
+
+
+@triton.jit
+def _bias_block(
+    h, rr, rc, bias_ptr, bias_st, bias_sh, N: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ROWS_ARE_KEYS: tl.constexpr,
+):
+    """bias[rel(query, key)] for tile rows rr x tile columns rc lying in the same window of the tile, NEG
+    across windows. It depends only on the head and the positions inside the tile, so a program computes
+    it once and reuses it for every tile it handles (the gather leaves the inner loop)."""
+    gr = rr // N
+    gc = rc // N
+    blk = gr[:, None] == gc[None, :]
+    if HAS_BIAS:
+        if ROWS_ARE_KEYS:
+            nq = (rc - gc * N)[None, :]
+            nk = (rr - gr * N)[:, None]
+        else:
+            nq = (rr - gr * N)[:, None]
+            nk = (rc - gc * N)[None, :]
+        rq = nq // WW
+        rk = nk // WW
+        idx = (rq - rk + (WH - 1)) * (2 * WW - 1) + (nq - rq * WW) - (nk - rk * WW) + (WW - 1)
+        b = tl.load(bias_ptr + idx * bias_st + h * bias_sh, mask=blk, other=0.0).to(tl.float32)
+    else:
+        b = blk.to(tl.float32) * 0.0
+    return tl.where(blk, b, NEG)
+
+
+@triton.jit
+def _scores(
+    a, b, bias_blk, same, lab_r, lab_c, mask_ptr, m_r, m_c, scale, SH: tl.constexpr, SW: tl.constexpr,
+    LAYOUT: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, IS_F32: tl.constexpr,
+):
+    """fp32 logits a b^T * scale + bias (+ the user's mask, or the shift mask from region labels), NEG for
+    pairs that must not interact. Rows are queries (a = q) or keys (a = k, the transposed logits)."""
+    s = _dot(a, tl.trans(b), DOT_F32, IS_F32) * scale + bias_blk
+    if HAS_MASK:
+        s += tl.load(mask_ptr + m_r[:, None] + m_c[None, :], mask=same, other=0.0).to(tl.float32)
+    if LAYOUT == 1 and (SH > 0 or SW > 0):
+        s += tl.where(lab_r[:, None] != lab_c[None, :], -100.0, 0.0)
+    return tl.where(same, s, NEG)
+
+
+# ----------------------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, pad_ptr, out_ptr, lse_ptr,
+    NW_TOT, n_win, n_ww, H, W, HP, WP, C, tiles_per_prog,
+    s_b, s_h, s_y, s_x, o_sb, o_sy, o_sx, bias_st, bias_sh, m_sw, m_si, n_mask_win, scale,
+    HEADS: tl.constexpr, N: tl.constexpr, G: tl.constexpr, TILE: tl.constexpr, BM: tl.constexpr,
+    HD: tl.constexpr, HD_PAD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
+    SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, DOT_F32: tl.constexpr, IS_F32: tl.constexpr,
+    PRE_BIAS: tl.constexpr,
+):
+    """Attention of one query block of a chunk of tiles for one head; writes out and the row lse."""
+    chunk = tl.program_id(0)
+    h = tl.program_id(1)
+    tq = tl.program_id(2) * BM + tl.arange(0, BM)
+    tk = tl.arange(0, TILE)
+    d = tl.arange(0, HD_PAD)
+    hoff = h * s_h
+    if PRE_BIAS:  # small tiles: the bias block stays in registers across the tile loop
+        bias_pre = _bias_block(h, tq, tk, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, False)
+    for it in range(0, tiles_per_prog):
+        tile = chunk * tiles_per_prog + it
+        if PRE_BIAS:
+            bias_blk = bias_pre
+        else:
+            bias_blk = _bias_block(h, tq, tk, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, False)
+        qw, qn, qvalid, qin, qoff, qoo, qlab = _rows(
+            tile, tq, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
+            G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
+        kw, kn, kvalid, kin, koff, _, klab = _rows(
+            tile, tk, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
+            G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
+        q = _load_tok(q_ptr + hoff, qoff, d, qin, qvalid & ~qin, pad_ptr + h * HD, HD, HAS_PAD)
+        k = _load_tok(k_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + C + h * HD, HD, HAS_PAD)
+        v = _load_tok(v_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + 2 * C + h * HD, HD, HAS_PAD)
+        same = (qw[:, None] == kw[None, :]) & qvalid[:, None] & kvalid[None, :]
+        m_r = (qw % n_mask_win).to(tl.int64) * m_sw + qn * m_si
+        s = _scores(q, k, bias_blk, same, qlab, klab, mask_ptr, m_r, kn, scale, SH, SW, LAYOUT, HAS_MASK,
+                    DOT_F32, IS_F32)
+        m = tl.max(s, 1)
+        p = tl.exp2((s - m[:, None]) * LOG2E)
+        l = tl.sum(p, 1)
+        o = _dot(p.to(v.dtype), v, DOT_F32, IS_F32) / l[:, None]
+        tl.store(out_ptr + h * HD + qoo[:, None] + d[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=qin[:, None] & (d < HD)[None, :])
+        tl.store(lse_ptr + (qw.to(tl.int64) * HEADS + h) * N + qn, m + tl.log(l), mask=qvalid)
+
+
+# ----------------------------------------------------------------------------------------- backward
+# Gradient buffers: windows layout -> addressed like the output; map layout -> like the qkv map.
+
+
+@triton.jit
+def _bwd_fused_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, pad_ptr, out_ptr, dout_ptr, lse_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dbias_part_ptr, dpad_part_ptr,
+    NW_TOT, n_win, n_ww, H, W, HP, WP, C, tiles_per_prog,
+    s_b, s_h, s_y, s_x, o_sb, o_sy, o_sx, bias_st, bias_sh, m_sw, m_si, n_mask_win, scale,
+    HEADS: tl.constexpr, N: tl.constexpr, G: tl.constexpr, TILE: tl.constexpr,
+    HD: tl.constexpr, HD_PAD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
+    SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_DPAD: tl.constexpr,
+    DOT_F32: tl.constexpr, IS_F32: tl.constexpr, PRE_BIAS: tl.constexpr,
+):
+    """dQ, dK, dV of whole tiles (one block of TILE rows) for a chunk of tiles and one head. Works on the
+    transposed logits (keys as rows) so only dQ needs a transpose; sums dS over the chunk for dbias."""
+    chunk = tl.program_id(0)
+    h = tl.program_id(1)
+    t = tl.arange(0, TILE)
+    d = tl.arange(0, HD_PAD)
+    dmask = (d < HD)[None, :]
+    hoff = h * s_h
+    if PRE_BIAS:  # small tiles: the bias block stays in registers across the tile loop
+        bias_pre = _bias_block(h, t, t, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, True)
+    acc_dst = tl.zeros((TILE, TILE), dtype=tl.float32)  # acc_dst[j, i] = sum over windows of dS[i, j]
+    pad_dk = tl.zeros((HD_PAD,), dtype=tl.float32)
+    pad_dv = tl.zeros((HD_PAD,), dtype=tl.float32)
+    for it in range(0, tiles_per_prog):
+        tile = chunk * tiles_per_prog + it
+        if PRE_BIAS:
+            bias_t = bias_pre
+        else:
+            bias_t = _bias_block(h, t, t, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, True)
+        w, n, valid, inmap, off, ooff, lab = _rows(
+            tile, t, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
+            G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
+        ispad = valid & ~inmap
+        q = _load_tok(q_ptr + hoff, off, d, inmap, ispad, pad_ptr + h * HD, HD, HAS_PAD)
+        k = _load_tok(k_ptr + hoff, off, d, inmap, ispad, pad_ptr + C + h * HD, HD, HAS_PAD)
+        v = _load_tok(v_ptr + hoff, off, d, inmap, ispad, pad_ptr + 2 * C + h * HD, HD, HAS_PAD)
+        omask = inmap[:, None] & dmask
+        do = tl.load(dout_ptr + h * HD + ooff[:, None] + d[None, :], mask=omask, other=0.0)
+        o = tl.load(out_ptr + h * HD + ooff[:, None] + d[None, :], mask=omask, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        lse = tl.load(lse_ptr + (w.to(tl.int64) * HEADS + h) * N + n, mask=valid, other=0.0)
+        same = (w[:, None] == w[None, :]) & valid[:, None] & valid[None, :]
+        m_c = (w % n_mask_win).to(tl.int64) * m_sw + n * m_si
+        st = _scores(k, q, bias_t, same, lab, lab, mask_ptr, n, m_c, scale, SH, SW, LAYOUT, HAS_MASK,
+                     DOT_F32, IS_F32)
+        pt = tl.exp2((st - lse[None, :]) * LOG2E)
+        dv = _dot(pt.to(do.dtype), do, DOT_F32, IS_F32)
+        dpt = _dot(v, tl.trans(do), DOT_F32, IS_F32)
+        dst = pt * (dpt - delta[None, :])
+        dst_lp = dst.to(q.dtype)
+        dk = _dot(dst_lp, q, DOT_F32, IS_F32) * scale
+        dq = _dot(tl.trans(dst_lp), k, DOT_F32, IS_F32) * scale
+        g = ooff if LAYOUT == 0 else off
+        gptr = h * HD + g[:, None] + d[None, :]
+        tl.store(dq_ptr + gptr, dq.to(dq_ptr.dtype.element_ty), mask=omask)
+        tl.store(dk_ptr + gptr, dk.to(dk_ptr.dtype.element_ty), mask=omask)
+        tl.store(dv_ptr + gptr, dv.to(dv_ptr.dtype.element_ty), mask=omask)
+        if NEED_DBIAS:
+            acc_dst += dst
+        if NEED_DPAD:
+            pad_dk += tl.sum(tl.where(ispad[:, None], dk, 0.0), 0)
+            pad_dv += tl.sum(tl.where(ispad[:, None], dv, 0.0), 0)
+    prog = chunk * HEADS + h
+    if NEED_DBIAS:
+        tl.store(dbias_part_ptr + (prog.to(tl.int64) * TILE + t[None, :]) * TILE + t[:, None], acc_dst)
+    if NEED_DPAD:
+        tl.store(dpad_part_ptr + prog * 2 * HD_PAD + d, pad_dk)
+        tl.store(dpad_part_ptr + prog * 2 * HD_PAD + HD_PAD + d, pad_dv)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, pad_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr,
+    dq_ptr, dbias_part_ptr,
+    NW_TOT, n_win, n_ww, H, W, HP, WP, C, tiles_per_prog,
+    s_b, s_h, s_y, s_x, o_sb, o_sy, o_sx, bias_st, bias_sh, m_sw, m_si, n_mask_win, scale,
+    HEADS: tl.constexpr, N: tl.constexpr, G: tl.constexpr, TILE: tl.constexpr, BM: tl.constexpr,
+    HD: tl.constexpr, HD_PAD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
+    SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, NEED_DBIAS: tl.constexpr, DOT_F32: tl.constexpr,
+    IS_F32: tl.constexpr, PRE_BIAS: tl.constexpr,
+):
+    """Split backward, part 1: dQ of one query block against all keys of the tile; stores delta =
+    rowsum(dO * O) for part 2 and sums dS over the chunk for dbias."""
+    chunk = tl.program_id(0)
+    h = tl.program_id(1)
+    tq = tl.program_id(2) * BM + tl.arange(0, BM)
+    tk = tl.arange(0, TILE)
+    d = tl.arange(0, HD_PAD)
+    dmask = (d < HD)[None, :]
+    hoff = h * s_h
+    if PRE_BIAS:  # small tiles: the bias block stays in registers across the tile loop
+        bias_pre = _bias_block(h, tq, tk, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, False)
+    acc_ds = tl.zeros((BM, TILE), dtype=tl.float32)
+    for it in range(0, tiles_per_prog):
+        tile = chunk * tiles_per_prog + it
+        if PRE_BIAS:
+            bias_blk = bias_pre
+        else:
+            bias_blk = _bias_block(h, tq, tk, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, False)
+        qw, qn, qvalid, qin, qoff, qoo, qlab = _rows(
+            tile, tq, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
+            G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
+        kw, kn, kvalid, kin, koff, _, klab = _rows(
+            tile, tk, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
+            G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
+        q = _load_tok(q_ptr + hoff, qoff, d, qin, qvalid & ~qin, pad_ptr + h * HD, HD, HAS_PAD)
+        k = _load_tok(k_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + C + h * HD, HD, HAS_PAD)
+        v = _load_tok(v_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + 2 * C + h * HD, HD, HAS_PAD)
+        omask = qin[:, None] & dmask
+        do = tl.load(dout_ptr + h * HD + qoo[:, None] + d[None, :], mask=omask, other=0.0)
+        o = tl.load(out_ptr + h * HD + qoo[:, None] + d[None, :], mask=omask, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        lse_off = (qw.to(tl.int64) * HEADS + h) * N + qn
+        lse = tl.load(lse_ptr + lse_off, mask=qvalid, other=0.0)
+        same = (qw[:, None] == kw[None, :]) & qvalid[:, None] & kvalid[None, :]
+        m_r = (qw % n_mask_win).to(tl.int64) * m_sw + qn * m_si
+        s = _scores(q, k, bias_blk, same, qlab, klab, mask_ptr, m_r, kn, scale, SH, SW, LAYOUT, HAS_MASK,
+                    DOT_F32, IS_F32)
+        p = tl.exp2((s - lse[:, None]) * LOG2E)
+        dp = _dot(do, tl.trans(v), DOT_F32, IS_F32)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, DOT_F32, IS_F32) * scale
+        g = qoo if LAYOUT == 0 else qoff
+        tl.store(dq_ptr + h * HD + g[:, None] + d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=omask)
+        tl.store(delta_ptr + lse_off, delta, mask=qvalid)
+        if NEED_DBIAS:
+            acc_ds += ds
+    if NEED_DBIAS:
+        prog = chunk * HEADS + h
+        tl.store(dbias_part_ptr + (prog.to(tl.int64) * TILE + tq[:, None]) * TILE + tk[None, :], acc_ds)
+
+
+@triton.jit
+def _bwd_dkv_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, pad_ptr, dout_ptr, lse_ptr, delta_ptr,
+    dk_ptr, dv_ptr, dpad_part_ptr,
+    NW_TOT, n_win, n_ww, H, W, HP, WP, C, tiles_per_prog,
+    s_b, s_h, s_y, s_x, o_sb, o_sy, o_sx, bias_st, bias_sh, m_sw, m_si, n_mask_win, scale,
+    HEADS: tl.constexpr, N: tl.constexpr, G: tl.constexpr, TILE: tl.constexpr, BN: tl.constexpr,
+    HD: tl.constexpr, HD_PAD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
+    SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, NEED_DPAD: tl.constexpr, DOT_F32: tl.constexpr,
+    IS_F32: tl.constexpr, PRE_BIAS: tl.constexpr,
+):
+    """Split backward, part 2: dK, dV of one key block against all queries of the tile (transposed)."""
+    chunk = tl.program_id(0)
+    h = tl.program_id(1)
+    kb = tl.program_id(2)
+    tk = kb * BN + tl.arange(0, BN)
+    tq = tl.arange(0, TILE)
+    d = tl.arange(0, HD_PAD)
+    dmask = (d < HD)[None, :]
+    hoff = h * s_h
+    if PRE_BIAS:  # small tiles: the bias block stays in registers across the tile loop
+        bias_pre = _bias_block(h, tk, tq, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, True)
+    pad_dk = tl.zeros((HD_PAD,), dtype=tl.float32)
+    pad_dv = tl.zeros((HD_PAD,), dtype=tl.float32)
+    for it in range(0, tiles_per_prog):
+        tile = chunk * tiles_per_prog + it
+        if PRE_BIAS:
+            bias_t = bias_pre
+        else:
+            bias_t = _bias_block(h, tk, tq, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, True)
+        qw, qn, qvalid, qin, qoff, qoo, qlab = _rows(
+            tile, tq, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
+            G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
+        kw, kn, kvalid, kin, koff, koo, klab = _rows(
+            tile, tk, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
+            G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
+        q = _load_tok(q_ptr + hoff, qoff, d, qin, qvalid & ~qin, pad_ptr + h * HD, HD, HAS_PAD)
+        kpad = kvalid & ~kin
+        k = _load_tok(k_ptr + hoff, koff, d, kin, kpad, pad_ptr + C + h * HD, HD, HAS_PAD)
+        v = _load_tok(v_ptr + hoff, koff, d, kin, kpad, pad_ptr + 2 * C + h * HD, HD, HAS_PAD)
+        do = tl.load(dout_ptr + h * HD + qoo[:, None] + d[None, :], mask=qin[:, None] & dmask, other=0.0)
+        lse_off = (qw.to(tl.int64) * HEADS + h) * N + qn
+        lse = tl.load(lse_ptr + lse_off, mask=qvalid, other=0.0)
+        delta = tl.load(delta_ptr + lse_off, mask=qvalid, other=0.0)
+        same = (kw[:, None] == qw[None, :]) & kvalid[:, None] & qvalid[None, :]
+        m_c = (qw % n_mask_win).to(tl.int64) * m_sw + qn * m_si
+        st = _scores(k, q, bias_t, same, klab, qlab, mask_ptr, kn, m_c, scale, SH, SW, LAYOUT, HAS_MASK,
+                     DOT_F32, IS_F32)
+        pt = tl.exp2((st - lse[None, :]) * LOG2E)
+        dv = _dot(pt.to(do.dtype), do, DOT_F32, IS_F32)
+        dpt = _dot(v, tl.trans(do), DOT_F32, IS_F32)
+        dst = pt * (dpt - delta[None, :])
+        dk = _dot(dst.to(q.dtype), q, DOT_F32, IS_F32) * scale
+        g = koo if LAYOUT == 0 else koff
+        kmask = kin[:, None] & dmask
+        tl.store(dk_ptr + h * HD + g[:, None] + d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kmask)
+        tl.store(dv_ptr + h * HD + g[:, None] + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kmask)
+        if NEED_DPAD:
+            pad_dk += tl.sum(tl.where(kpad[:, None], dk, 0.0), 0)
+            pad_dv += tl.sum(tl.where(kpad[:, None], dv, 0.0), 0)
+    if NEED_DPAD:
+        prog = (chunk * HEADS + h) * tl.num_programs(2) + kb
+        tl.store(dpad_part_ptr + prog * 2 * HD_PAD + d, pad_dk)
+        tl.store(dpad_part_ptr + prog * 2 * HD_PAD + HD_PAD + d, pad_dv)
+
+
+# ----------------------------------------------------------------------------------------- launchers
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+@functools.cache
+def tile_config(window: tuple[int, int], head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Tile geometry for a window: tokens N, windows per tile G, TILE, block sizes, fused backward or not.
+
+    Register/shared-memory budgets were checked statically for sm_80/sm_90 with
+    ``python -m esvit_kernels._triton.aot`` (no spills; shared memory under the A100 limit); block sizes
+    and warps are not yet tuned on a GPU.
+    """
+    n = window[0] * window[1]
+    tile = max(16, _next_pow2(n))
+    if tile < 64:  # small windows: pack several whole windows into one 64-row tile
+        tile = 64
+    g = tile // n if 2 * n <= tile else 1
+    hd_pad = max(16, _next_pow2(head_dim))
+    # fp32 takes exact (FMA) dots, register- and shared-memory-hungry, and head dims > 32 hold too many
+    # operands for the fused backward: those use the split backward with small blocks
+    fused = tile <= 64 and dtype != torch.float32 and hd_pad <= 32
+    small = tile if fused else 16
+    return {
+        "N": n, "G": g, "TILE": tile, "FUSED": fused,
+        "BM_FWD": tile if tile <= 64 and dtype != torch.float32 else 16,
+        "BM_BWD": small, "BN_BWD": small,
+        "PRE_BIAS": tile <= 64,
+        "HD_PAD": hd_pad,
+        "WARPS": 8,
+        "WARPS_BWD": 8,
+        # software pipelining depth: the fused backward is compute-heavy per tile, so it gets 1 stage
+        # (no spills, 20 KB shared on sm_90); the forward gets 2
+        "STAGES": 2,
+        "STAGES_BWD": 1 if fused else 2,
+    }
+
+
+def _num_chunks(n_tiles: int, programs_per_chunk: int, device: torch.device, waves: int) -> int:
+    """How many chunks of tiles: about ``waves`` programs per SM on a GPU, each looping over its tiles
+    (so the per-program bias block and dbias sum are amortised); 4 on the CPU interpreter."""
+    if device.type == "cuda":
+        target = waves * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4
+    return max(1, min(n_tiles, -(-target // programs_per_chunk)))
+
+
+def _chunking(n_tiles: int, programs_per_chunk: int, device: torch.device, waves: int) -> tuple[int, int]:
+    chunks = _num_chunks(n_tiles, programs_per_chunk, device, waves)
+    tpp = -(-n_tiles // chunks)
+    return -(-n_tiles // tpp), tpp
+
+
+@functools.cache
+def _bias_gather_index(window: tuple[int, int], g: int, tile: int, device_str: str) -> torch.Tensor:
+    """(T, maxc) flat (i * TILE + j) positions of the tile whose pair (i, j) uses table entry t
+    (same window only); padded with TILE*TILE, the index of an appended zero."""
+    wh, ww = window
+    n = wh * ww
+    r = torch.arange(n) // ww
+    c = torch.arange(n) % ww
+    rel = ((r[:, None] - r[None, :] + wh - 1) * (2 * ww - 1) + (c[:, None] - c[None, :] + ww - 1)).reshape(-1)
+    base = (torch.arange(n)[:, None] * tile + torch.arange(n)[None, :]).reshape(-1)
+    pos = torch.cat([base + gi * n * (tile + 1) for gi in range(g)])
+    rel = rel.repeat(g)
+    t_entries = (2 * wh - 1) * (2 * ww - 1)
+    order = torch.argsort(rel, stable=True)
+    rel, pos = rel[order], pos[order]
+    counts = torch.bincount(rel, minlength=t_entries)
+    idx = torch.full((t_entries, int(counts.max())), tile * tile, dtype=torch.long)
+    start = torch.cumsum(counts, 0) - counts
+    idx[rel, torch.arange(rel.numel()) - start[rel]] = pos
+    return idx.to(device_str)
+
+
+def _reduce_dbias(part: torch.Tensor, window, g: int, tile: int) -> torch.Tensor:
+    """(chunks, heads, TILE, TILE) per-program dS sums -> (T, heads) table gradient, deterministic."""
+    heads = part.shape[1]
+    flat = part.sum(0).reshape(heads, tile * tile)
+    flat = torch.cat([flat, flat.new_zeros(heads, 1)], 1)
+    idx = _bias_gather_index(tuple(window), g, tile, str(part.device))
+    return flat[:, idx].sum(-1).t().contiguous()
+
+
+def _bias_args(bias_table, dummy):
+    if bias_table is None:
+        return dummy, 0, 0
+    return bias_table, bias_table.stride(0), bias_table.stride(1)
+
+
+@dataclass
+class _Problem:
+    """Everything the kernels need to address one call: layout, geometry, strides, optional tensors."""
+
+    layout: int  # 0 = windows, 1 = map
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    heads: int
+    hd: int
+    window: tuple[int, int]
+    shift: tuple[int, int]
+    scale: float
+    nw_tot: int
+    geo: tuple  # n_win, n_ww, H, W, HP, WP, C
+    in_strides: tuple  # s_b, s_h, s_y, s_x
+    out_strides: tuple  # o_sb, o_sy, o_sx
+    bias_table: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    pad: torch.Tensor | None = None
+    roll_before_pad: bool = False
+
+    @property
+    def cfg(self) -> dict:
+        return tile_config(tuple(self.window), self.hd, self.q.dtype)
+
+    @property
+    def n_tiles(self) -> int:
+        return -(-self.nw_tot // self.cfg["G"])
+
+    def args(self, tiles_per_prog: int) -> tuple:
+        bias, bst, bsh = _bias_args(self.bias_table, self.q)
+        m = self.mask
+        m_args = (m.stride(0), m.stride(1), m.shape[0]) if m is not None else (0, 0, 1)
+        return (self.nw_tot, *self.geo, tiles_per_prog, *self.in_strides, *self.out_strides, bst, bsh, *m_args,
+                self.scale)
+
+    def ptrs(self) -> tuple:
+        q = self.q
+        return (q, self.k, self.v, _bias_args(self.bias_table, q)[0], self.mask if self.mask is not None else q,
+                self.pad if self.pad is not None else q)
+
+    def consts(self, **extra) -> dict:
+        cfg = self.cfg
+        return dict(
+            HEADS=self.heads, N=cfg["N"], G=cfg["G"], TILE=cfg["TILE"], HD=self.hd, HD_PAD=cfg["HD_PAD"],
+            WH=self.window[0], WW=self.window[1], SH=self.shift[0], SW=self.shift[1], LAYOUT=self.layout,
+            ROLL_BEFORE_PAD=bool(self.roll_before_pad), HAS_BIAS=self.bias_table is not None,
+            HAS_MASK=self.mask is not None, HAS_PAD=self.pad is not None,
+            DOT_F32=triton_interpreting() and self.q.dtype == torch.bfloat16,
+            IS_F32=self.q.dtype == torch.float32, PRE_BIAS=cfg["PRE_BIAS"], **extra,
+        )
+
+
+def _forward(pb: _Problem, out: torch.Tensor, lse: torch.Tensor) -> None:
+    cfg = pb.cfg
+    nq = cfg["TILE"] // cfg["BM_FWD"]
+    chunks, tpp = _chunking(pb.n_tiles, pb.heads * nq, pb.q.device, waves=8)
+    launch(_fwd_kernel, (chunks, pb.heads, nq), *pb.ptrs(), out, lse, *pb.args(tpp),
+           BM=cfg["BM_FWD"], num_warps=cfg["WARPS"], num_stages=cfg["STAGES"], **pb.consts())
+
+
+def _backward(pb: _Problem, out, dout, lse, dq, dk, dv, need_dbias: bool, need_dpad: bool):
+    """Returns (dbias (T, heads) fp32 or empty, (heads, 2, hd) dK/dV sums over padding tokens or None)."""
+    cfg = pb.cfg
+    dev, f32 = pb.q.device, torch.float32
+    need_dbias = need_dbias and pb.bias_table is not None
+    need_dpad = need_dpad and pb.pad is not None
+    nq = 1 if cfg["FUSED"] else cfg["TILE"] // cfg["BM_BWD"]
+    nk = 1 if cfg["FUSED"] else cfg["TILE"] // cfg["BN_BWD"]
+    chunks, tpp = _chunking(pb.n_tiles, pb.heads * max(nq, nk), dev, waves=2)
+    tile = cfg["TILE"]
+    dbias_part = torch.empty(chunks, pb.heads, tile, tile, device=dev, dtype=f32) if need_dbias else lse
+    dpad_part = torch.empty(chunks * pb.heads * nk, 2, cfg["HD_PAD"], device=dev, dtype=f32) if need_dpad else lse
+    consts = pb.consts(NEED_DPAD=need_dpad, num_warps=cfg["WARPS_BWD"], num_stages=cfg["STAGES_BWD"])
+    if cfg["FUSED"]:
+        launch(_bwd_fused_kernel, (chunks, pb.heads), *pb.ptrs(), out, dout, lse, dq, dk, dv, dbias_part,
+               dpad_part, *pb.args(tpp), NEED_DBIAS=need_dbias, **consts)
+    else:
+        delta = torch.empty_like(lse)
+        consts.pop("NEED_DPAD")
+        launch(_bwd_dq_kernel, (chunks, pb.heads, nq), *pb.ptrs(), out, dout, lse, delta, dq, dbias_part,
+               *pb.args(tpp), BM=cfg["BM_BWD"], NEED_DBIAS=need_dbias, **consts)
+        launch(_bwd_dkv_kernel, (chunks, pb.heads, nk), *pb.ptrs(), dout, lse, delta, dk, dv, dpad_part,
+               *pb.args(tpp), BN=cfg["BN_BWD"], NEED_DPAD=need_dpad, **consts)
+    dbias = _reduce_dbias(dbias_part, pb.window, cfg["G"], tile) if need_dbias else lse.new_empty(0)
+    dpad = (dpad_part.view(chunks, pb.heads, nk, 2, cfg["HD_PAD"]).sum((0, 2))[..., :pb.hd]
+            if need_dpad else None)
+    return dbias, dpad
+
+
+def _map_problem(qkv, bias_table, pad_qkv, num_heads, window, shift, scale, roll_before_pad, out) -> _Problem:
+    b, h, w, c3 = qkv.shape
+    c = c3 // 3
+    wh, ww = window
+    hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
+    n_ww = wp // ww
+    n_win = (hp // wh) * n_ww
+    return _Problem(
+        layout=1, q=qkv, k=qkv[..., c:], v=qkv[..., 2 * c:], heads=num_heads, hd=c // num_heads,
+        window=tuple(window), shift=tuple(shift), scale=scale, nw_tot=b * n_win,
+        geo=(n_win, n_ww, h, w, hp, wp, c), in_strides=(qkv.stride(0), c // num_heads, qkv.stride(1), qkv.stride(2)),
+        out_strides=(out.stride(0), out.stride(1), out.stride(2)), bias_table=bias_table, pad=pad_qkv,
+        roll_before_pad=roll_before_pad,
+    )
+
+
+def swa_forward(qkv, bias_table, pad_qkv, num_heads, window, shift, scale, roll_before_pad):
+    """Map layout forward: (out (B, H, W, C), lse (B*nW, heads, N) fp32)."""
+    out = qkv.new_empty(*qkv.shape[:3], qkv.shape[3] // 3)
+    pb = _map_problem(qkv, bias_table, pad_qkv, num_heads, window, shift, scale, roll_before_pad, out)
+    lse = qkv.new_empty(pb.nw_tot, num_heads, pb.cfg["N"], dtype=torch.float32)
+    _forward(pb, out, lse)
+    return out, lse
+
+
+def swa_backward(dout, qkv, out, lse, bias_table, pad_qkv, num_heads, window, shift, scale, roll_before_pad,
+                 need_dbias, need_dpad):
+    """Map layout backward: (dqkv like qkv, dbias (T, heads) fp32 or empty, dpad (3C,) fp32 or empty)."""
+    pb = _map_problem(qkv, bias_table, pad_qkv, num_heads, window, shift, scale, roll_before_pad, out)
+    c = pb.geo[-1]
+    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    dbias, dpad_kv = _backward(pb, out, dout, lse, dqkv, dqkv[..., c:], dqkv[..., 2 * c:], need_dbias, need_dpad)
+    dpad = qkv.new_empty(0, dtype=torch.float32)
+    if dpad_kv is not None:  # the q part stays zero: padded outputs are discarded, so their dQ is 0
+        dpad = torch.cat([torch.zeros_like(dpad_kv[:, 0]).reshape(-1), dpad_kv[:, 0].reshape(-1),
+                          dpad_kv[:, 1].reshape(-1)])
+    return dqkv, dbias, dpad
+
+
+def _windows_problem(q, k, v, bias_table, mask, window, scale, out) -> _Problem:
+    if not (q.stride() == k.stride() == v.stride()):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    bw, heads, _, hd = q.shape
+    return _Problem(
+        layout=0, q=q, k=k, v=v, heads=heads, hd=hd, window=tuple(window), shift=(0, 0), scale=scale, nw_tot=bw,
+        geo=(1, 1, 0, 0, 0, 0, 0), in_strides=(q.stride(0), q.stride(1), q.stride(2), 0),
+        out_strides=(out.stride(0), out.stride(2), 0), bias_table=bias_table, mask=mask,
+    )
+
+
+def _windows_buffer(like: torch.Tensor) -> torch.Tensor:
+    bw, heads, n, hd = like.shape
+    return like.new_empty(bw, n, heads, hd).transpose(1, 2)
+
+
+def wa_forward(q, k, v, bias_table, mask, window, scale):
+    """Windows layout forward: (out (BW, heads, N, hd) as a view of (BW, N, heads, hd), lse)."""
+    out = _windows_buffer(q)
+    pb = _windows_problem(q, k, v, bias_table, mask, window, scale, out)
+    lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
+    _forward(pb, out, lse)
+    return out, lse
+
+
+def wa_backward(dout, q, k, v, out, lse, bias_table, mask, window, scale, need_dbias):
+    """Windows layout backward: (dq, dk, dv laid out like out, dbias (T, heads) fp32 or empty)."""
+    if dout.stride() != out.stride():  # the kernels address dout through the output buffer's strides
+        dout = dout.transpose(1, 2).contiguous().transpose(1, 2)
+    pb = _windows_problem(q, k, v, bias_table, mask, window, scale, out)
+    grads = [_windows_buffer(q) for _ in range(3)]
+    dbias, _ = _backward(pb, out, dout, lse, *grads, need_dbias, False)
+    return (*grads, dbias)
+
+
+def representative_launches() -> dict:
+    """Small-shape calls of every launcher path (map/windows layout, fused/split backward, packing, padding,
+    both roll orders, mask), keyed by a label; each takes a dtype. Used by :mod:`.aot` to compile every
+    kernel variant for a GPU architecture."""
+
+    def map_case(b, h, w, heads, hd, ws, ss, rbp, pad=True):
+        def run(dtype):
+            c = heads * hd
+            qkv = torch.randn(b, h, w, 3 * c, dtype=dtype)
+            table = torch.randn((2 * ws[0] - 1) * (2 * ws[1] - 1), heads)
+            padv = torch.randn(3 * c, dtype=dtype) if pad else None
+            out, lse = swa_forward(qkv, table, padv, heads, ws, ss, hd**-0.5, rbp)
+            swa_backward(torch.randn_like(out), qkv, out, lse, table, padv, heads, ws, ss, hd**-0.5, rbp, True, pad)
+        return run
+
+    def windows_case(bw, nw, heads, hd, ws):
+        def run(dtype):
+            n = ws[0] * ws[1]
+            q = torch.randn(bw, heads, n, hd, dtype=dtype)
+            table = torch.randn((2 * ws[0] - 1) * (2 * ws[1] - 1), heads)
+            mask = torch.zeros(nw, n, n)
+            out, lse = wa_forward(q, q, q, table, mask, ws, hd**-0.5)
+            wa_backward(torch.randn_like(out), q, q, q, out, lse, table, mask, ws, hd**-0.5, True)
+        return run
+
+    return {
+        "map_w7_shift_pad": map_case(1, 9, 9, 3, 32, (7, 7), (3, 3), False),
+        "map_w7_timm_hd64": map_case(1, 9, 9, 2, 64, (7, 7), (3, 3), True),
+        "map_w14_split": map_case(1, 14, 14, 4, 32, (14, 14), (7, 7), False, pad=False),
+        "map_w3_packed_hd16": map_case(1, 6, 6, 2, 16, (3, 3), (1, 1), False),
+        "windows_w7_mask": windows_case(4, 2, 3, 32, (7, 7)),
+    }
