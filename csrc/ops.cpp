@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mean.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -18,7 +19,7 @@
 #include <optional>
 #include <tuple>
 
-#include "window_attention.h"
+#include "kernels.h"
 
 namespace esvit {
 namespace {
@@ -346,6 +347,89 @@ Tensor region_match(const Tensor& student_in, const Tensor& teacher_in) {
   return out;
 }
 
+// Region loss: the inputs the kernels read, checked and made contiguous (center -> float32 (K,), match ->
+// int64). Student and teacher must share a dtype (the Python wrapper upcasts mixed pairs to float32).
+RegionLossArgs region_loss_args(const Tensor& student, const Tensor& teacher, const Tensor& match,
+                                const Tensor& center, double student_temp, double teacher_temp) {
+  require_cuda(student, "student_logits");
+  check_cuda(teacher, "teacher_logits", student);
+  check_cuda(match, "match_index", student);
+  check_cuda(center, "center", student);
+  TORCH_CHECK(student.dim() == 3 && teacher.dim() == 3, "student (B, Ts, K) and teacher (B, Tt, K) must be 3-D, got ",
+              student.sizes(), " and ", teacher.sizes());
+  TORCH_CHECK(teacher.size(0) == student.size(0) && teacher.size(2) == student.size(2),
+              "teacher_logits must be (B, Tt, K) with the student's B and K, got ", teacher.sizes(), " for ",
+              student.sizes());
+  TORCH_CHECK(teacher.scalar_type() == student.scalar_type(), "student and teacher logits must have one dtype");
+  TORCH_CHECK(match.dim() == 2 && match.size(0) == student.size(0) && match.size(1) == student.size(1),
+              "match_index must be (B, Ts), got ", match.sizes());
+  TORCH_CHECK(match.scalar_type() == at::kLong || match.scalar_type() == at::kInt, "match_index must be int64 or "
+              "int32");
+  TORCH_CHECK(center.numel() == student.size(2), "center must have K=", student.size(2), " elements, got ",
+              center.sizes());
+  TORCH_CHECK(student_temp > 0 && teacher_temp > 0, "temperatures must be > 0");
+  TORCH_CHECK(student.size(2) < (int64_t(1) << 31) && teacher.size(1) < (int64_t(1) << 31) &&
+                  student.size(0) * student.size(1) < (int64_t(1) << 31),
+              "region_loss input too large");
+  TORCH_CHECK(teacher.size(1) >= 1 || student.size(1) == 0, "teacher_logits must have at least one token");
+  RegionLossArgs a{};
+  a.dtype = dtype_of(student, "student_logits");
+  a.rows = student.size(0) * student.size(1);
+  a.Ts = (int)student.size(1);
+  a.Tt = (int)teacher.size(1);
+  a.K = (int)student.size(2);
+  a.student_temp = (float)student_temp;
+  a.teacher_temp = (float)teacher_temp;
+  return a;
+}
+
+struct RegionLossInputs {
+  Tensor student, teacher, match, center;
+};
+
+RegionLossInputs region_loss_inputs(const Tensor& student, const Tensor& teacher, const Tensor& match,
+                                    const Tensor& center, RegionLossArgs& a) {
+  RegionLossInputs in{student.contiguous(), teacher.contiguous(), match.to(at::kLong).contiguous(),
+                      center.to(at::kFloat).reshape({-1}).contiguous()};
+  a.student = in.student.data_ptr();
+  a.teacher = in.teacher.data_ptr();
+  a.match = in.match.data_ptr<int64_t>();
+  a.center = in.center.data_ptr<float>();
+  a.vec = (a.K * in.student.element_size()) % 16 == 0 && aligned16(a.student) && aligned16(a.teacher);
+  return in;
+}
+
+std::tuple<Tensor, Tensor> region_loss_fwd(const Tensor& student, const Tensor& teacher, const Tensor& match,
+                                           const Tensor& center, double student_temp, double teacher_temp) {
+  RegionLossArgs a = region_loss_args(student, teacher, match, center, student_temp, teacher_temp);
+  const c10::cuda::CUDAGuard guard(student.device());
+  const RegionLossInputs in = region_loss_inputs(student, teacher, match, center, a);
+  const auto f32 = student.options().dtype(at::kFloat);
+  Tensor row_loss = at::empty({a.rows}, f32);
+  Tensor stats = at::empty({a.rows, 2}, f32);
+  launch_region_loss_fwd(a, row_loss.data_ptr<float>(), stats.data_ptr<float>(), stream_ptr());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {at::mean(row_loss), stats};
+}
+
+Tensor region_loss_bwd(const Tensor& grad_loss, const Tensor& student, const Tensor& teacher, const Tensor& match,
+                       const Tensor& center, const Tensor& stats, double student_temp, double teacher_temp) {
+  RegionLossArgs a = region_loss_args(student, teacher, match, center, student_temp, teacher_temp);
+  const c10::cuda::CUDAGuard guard(student.device());
+  check_cuda(grad_loss, "grad_loss", student);
+  check_cuda(stats, "stats", student);
+  TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must be a scalar");
+  TORCH_CHECK(stats.numel() == 2 * a.rows, "stats must be (B*Ts, 2), got ", stats.sizes());
+  const RegionLossInputs in = region_loss_inputs(student, teacher, match, center, a);
+  const Tensor g = grad_loss.to(at::kFloat).contiguous();
+  const Tensor st = stats.to(at::kFloat).contiguous();
+  Tensor dstudent = at::empty_like(in.student);
+  a.vec = a.vec && aligned16(dstudent.data_ptr());
+  launch_region_loss_bwd(a, g.data_ptr<float>(), st.data_ptr<float>(), dstudent.data_ptr(), stream_ptr());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dstudent;
+}
+
 }  // namespace
 }  // namespace esvit
 
@@ -369,10 +453,17 @@ TORCH_LIBRARY(esvit_cuda, m) {
         tags);
 }
 
-// Region ops: fakes (and autograd, where there is one) in esvit_kernels/ops/cuda_losses.py.
+// Region ops: fakes and autograd in esvit_kernels/ops/cuda_losses.py.
 TORCH_LIBRARY_FRAGMENT(esvit_cuda, m) {
   m.set_python_module("esvit_kernels.ops.cuda_losses");
-  m.def("region_match(Tensor student, Tensor teacher) -> Tensor", {at::Tag::pt2_compliant_tag});
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+  m.def("region_match(Tensor student, Tensor teacher) -> Tensor", tags);
+  m.def("region_loss_fwd(Tensor student, Tensor teacher, Tensor match, Tensor center, float student_temp, "
+        "float teacher_temp) -> (Tensor loss, Tensor stats)",
+        tags);
+  m.def("region_loss_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor match, Tensor center, "
+        "Tensor stats, float student_temp, float teacher_temp) -> Tensor",
+        tags);
 }
 
 TORCH_LIBRARY_IMPL(esvit_cuda, CUDA, m) {
@@ -381,6 +472,8 @@ TORCH_LIBRARY_IMPL(esvit_cuda, CUDA, m) {
   m.impl("wa_fwd", &esvit::wa_fwd);
   m.impl("wa_bwd", &esvit::wa_bwd);
   m.impl("region_match", &esvit::region_match);
+  m.impl("region_loss_fwd", &esvit::region_loss_fwd);
+  m.impl("region_loss_bwd", &esvit::region_loss_bwd);
 }
 
 // The Python module only has to exist: importing it loads the library, which registers the ops above.

@@ -14,7 +14,7 @@
 #include <climits>
 
 #include "common.cuh"
-#include "window_attention.h"
+#include "kernels.h"
 
 namespace esvit {
 namespace {

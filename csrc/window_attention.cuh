@@ -3,7 +3,7 @@
 #pragma once
 
 #include "common.cuh"
-#include "window_attention.h"
+#include "kernels.h"
 
 namespace esvit {
 

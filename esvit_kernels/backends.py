@@ -46,7 +46,7 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "window_attention": ("triton", "cuda", "torch"),
     "shifted_window_attention": ("triton", "cuda", "torch"),
     "region_match": ("triton", "cuda", "torch"),
-    "region_loss": ("triton", "torch"),
+    "region_loss": ("triton", "cuda", "torch"),
     "multi_region_loss": ("triton", "torch"),
     "dino_loss": ("triton", "torch"),
 }

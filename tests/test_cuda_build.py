@@ -35,6 +35,10 @@ SCHEMAS = {
     "Tensor? bias_table, Tensor? mask, int window_h, int window_w, float scale, bool need_dbias) -> "
     "(Tensor dq, Tensor dk, Tensor dv, Tensor dbias)",
     "region_match": "esvit_cuda::region_match(Tensor student, Tensor teacher) -> Tensor",
+    "region_loss_fwd": "esvit_cuda::region_loss_fwd(Tensor student, Tensor teacher, Tensor match, Tensor center, "
+    "float student_temp, float teacher_temp) -> (Tensor loss, Tensor stats)",
+    "region_loss_bwd": "esvit_cuda::region_loss_bwd(Tensor grad_loss, Tensor student, Tensor teacher, "
+    "Tensor match, Tensor center, Tensor stats, float student_temp, float teacher_temp) -> Tensor",
 }
 
 
@@ -92,6 +96,11 @@ def test_fake_impls_give_the_contract_shapes(ext):
         s, t = torch.empty(4, 9, 16, device="cuda"), torch.empty(4, 49, 16, device="cuda")
         idx = torch.ops.esvit_cuda.region_match(s, t)
         assert idx.shape == (4, 9) and idx.dtype == torch.int64
+        ls, lt = torch.empty(4, 9, 64, device="cuda", dtype=torch.float16), torch.empty(4, 49, 64, device="cuda")
+        loss, stats = torch.ops.esvit_cuda.region_loss_fwd(ls, lt.half(), idx, lt[0, 0], 0.1, 0.04)
+        assert loss.shape == () and loss.dtype == torch.float32 and stats.shape == (36, 2)
+        assert torch.ops.esvit_cuda.region_loss_bwd(loss, ls, lt.half(), idx, lt[0, 0], stats, 0.1, 0.04).shape \
+            == ls.shape
 
 
 def test_autograd_traces_to_the_backward_op(ext):
@@ -116,6 +125,23 @@ def test_autograd_traces_to_the_backward_op(ext):
     assert "esvit_cuda.swa_fwd.default" in targets and "esvit_cuda.swa_bwd.default" in targets
     bwd = next(n for n in gm.graph.nodes if str(n.target) == "esvit_cuda.swa_bwd.default")
     assert bwd.args[-2:] == (True, True)  # need_dbias, need_dpad
+
+
+def test_region_loss_autograd_traces_to_the_backward_op(ext):
+    loss_fn = importlib.import_module("esvit_kernels.ops.cuda_losses").get("region_loss")
+
+    def step(s, t, m, c):
+        return torch.autograd.grad(loss_fn(s, t, m, c, 0.1, 0.04), s)
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with FakeTensorMode():
+        s = torch.empty(2, 9, 128, device="meta", requires_grad=True)
+        t = torch.empty(2, 49, 128, device="meta")
+        gm = make_fx(step)(s, t, torch.empty(2, 9, dtype=torch.long, device="meta"), torch.empty(128, device="meta"))
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert "esvit_cuda.region_loss_fwd.default" in targets and "esvit_cuda.region_loss_bwd.default" in targets
 
 
 # ----------------------------------------------------------------------------------- the backend
@@ -217,11 +243,11 @@ def test_index_tables_match_reference(index_check, hw, ws, ss, rbp):
             assert b[4] > a[4]
 
 
-def _run_emulator(exe, mode, tmp_path, header, arrays, tile):
+def _run_emulator(exe, mode, tmp_path, header, arrays, *args):
     inp, out = tmp_path / "in.bin", tmp_path / "out.bin"
     np.concatenate([np.asarray(header, dtype=np.float64)] +
                    [a.detach().double().reshape(-1).numpy() for a in arrays]).tofile(inp)
-    subprocess.run([str(exe), mode, str(inp), str(out), str(tile)], check=True)
+    subprocess.run([str(exe), mode, str(inp), str(out), *map(str, args)], check=True)
     return torch.from_numpy(np.fromfile(out, dtype=np.float64))
 
 
@@ -270,7 +296,7 @@ def test_map_emulation_matches_reference(index_check, tmp_path, hw, ws, ss, rbp)
     gq, gb, gp = torch.autograd.grad(ref, (qkv, table, pad), dout, allow_unused=True, materialize_grads=True)
     nw = -(-h // ws[0]) * -(-w // ws[1])
     header = [b, h, w, 3 * c, heads, *ws, *ss, int(rbp), 1, 1, scale]
-    flat = _run_emulator(index_check, "map", tmp_path, header, [qkv, table, pad, dout], tile=4)
+    flat = _run_emulator(index_check, "map", tmp_path, header, [qkv, table, pad, dout], 4)  # 4x4 tiles
     out, lse, dqkv, dbias, dpad = _split(flat, [(b, h, w, c), (b * nw, heads, n), qkv.shape, table.shape, (3 * c,)])
     tol = {"rtol": 1e-10, "atol": 1e-10}
     torch.testing.assert_close(out, ref.detach(), **tol)
@@ -295,7 +321,7 @@ def test_windows_emulation_matches_reference(index_check, tmp_path, ws, nwm):
     grads = torch.autograd.grad(ref, (q, k, v, table), dout)
     header = [bw, heads, n, hd, *ws, nwm, 1, scale]
     arrays = [q, k, v, table] + ([mask] if nwm else []) + [dout]
-    flat = _run_emulator(index_check, "win", tmp_path, header, arrays, tile=8)
+    flat = _run_emulator(index_check, "win", tmp_path, header, arrays, 8)  # tile size
     out, lse, dq, dk, dv, dbias = _split(flat, [q.shape, (bw, heads, n), q.shape, q.shape, q.shape, table.shape])
     logits = (q * scale) @ k.transpose(-2, -1) + R.gather_relative_bias(table, ws)
     if nwm:
@@ -305,3 +331,24 @@ def test_windows_emulation_matches_reference(index_check, tmp_path, ws, nwm):
     torch.testing.assert_close(lse, logits.detach().logsumexp(-1), **tol)
     for got, want in zip((dq, dk, dv, dbias), grads):
         torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("k,ts,tt,spread", [(3, 0.1, 0.04, 1.0), (1000, 0.1, 0.04, 1.0), (4101, 0.1, 0.07, 5.0),
+                                            (65536, 0.1, 0.04, 0.01), (65536, 0.1, 0.04, 8.0), (2049, 1.0, 1.0, 0.0)])
+def test_region_loss_replay_matches_reference(index_check, tmp_path, k, ts, tt, spread):
+    """The CUDA region loss's streaming log-sum-exp (csrc/online_lse.h) replayed on the CPU in float32 with
+    the kernel's split over threads / warps, against the reference loss and gradient of one row: peaked,
+    near-uniform (p ~ 1/65536, DINO's early regime) and exactly uniform distributions."""
+    s = (torch.randn(1, 1, k, dtype=torch.float64) * spread).float().double().requires_grad_()
+    t = (torch.randn(1, 1, k, dtype=torch.float64) * spread).float().double()
+    c = (torch.randn(k, dtype=torch.float64) * spread * 0.1).float().double()
+    loss = R.region_loss(s, t, torch.zeros(1, 1, dtype=torch.long), c, ts, tt)
+    (grad,) = torch.autograd.grad(loss, s)
+    flat = _run_emulator(index_check, "lse", tmp_path, [k, ts, tt], [s, t, c])
+    lse_x, lse_u, ce, got = flat[0], flat[1], flat[2], flat[3:]
+    log2e = 1 / np.log(2)
+    torch.testing.assert_close(lse_x, torch.logsumexp(s.detach()[0, 0] / ts, -1) * log2e, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(lse_u, torch.logsumexp((t[0, 0] - c) / tt, -1) * log2e, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(ce, loss.detach().double(), rtol=2e-5, atol=2e-5)
+    scale = max(grad.abs().max().item(), 1.0 / (k * ts))  # the uniform case has a zero gradient
+    torch.testing.assert_close(got, grad[0, 0], rtol=1e-4, atol=1e-4 * scale)

@@ -8,6 +8,9 @@
 //       a double-precision emulation of the window-attention kernels' math (forward, lse, backward,
 //       bias gradient through the tile-owner enumeration, pad-vector gradient) that addresses its
 //       inputs only through window_index.h; IN/OUT are raw little-endian float64 files (layout below).
+//   index_check lse IN OUT
+//       replays the region-loss forward / backward of one row with online_lse.h exactly as the kernel
+//       splits it (256 threads x 8-element vectors, xor-shuffle merges per warp, then the 8 warps in order).
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -15,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "../online_lse.h"
 #include "../window_index.h"
 
 using esvit::MapGeom;
@@ -212,10 +216,56 @@ int emulate_win(Reader& in, FILE* out, int tile) {
   return 0;
 }
 
+// IN: K student_temp teacher_temp, s (K), t (K), c (K). OUT: lse2(x), lse2(u), CE, dCE/ds (K) in float32
+// arithmetic, the kernel's formulas (CE = ln2 (lse2(x) - acc / l), grad = (2^(x - lse2 x) - 2^(u - lse2 u)) / ts).
+int replay_region_loss(Reader& in, FILE* out) {
+  constexpr int kThreads = 256, kVec = 8;
+  const int K = (int)in.scalar();
+  const float ts = (float)in.scalar(), tt = (float)in.scalar();
+  const Vec s = in.array(K), t = in.array(K), c = in.array(K);
+  const float log2e = 1.4426950408889634f, xs_scale = log2e / ts, u_scale = log2e / tt;
+  std::vector<esvit::Lse> ls(kThreads, esvit::lse_empty()), lt(kThreads, esvit::lse_empty());
+  std::vector<float> acc(kThreads, 0.f), unused(kThreads, 0.f);
+  for (int tid = 0; tid < kThreads; ++tid)
+    for (int k0 = tid * kVec; k0 < K; k0 += kThreads * kVec)
+      for (int q = 0; q < kVec && k0 + q < K; ++q) {
+        const float x = (float)s[k0 + q] * xs_scale;
+        esvit::lse_push(ls[tid], x);
+        esvit::lse_push(lt[tid], acc[tid], ((float)t[k0 + q] - (float)c[k0 + q]) * u_scale, x);
+      }
+  for (int o = 16; o > 0; o >>= 1) {  // every lane merges its xor partner's state of the previous round
+    const auto ls0 = ls, lt0 = lt;
+    const auto acc0 = acc;
+    for (int tid = 0; tid < kThreads; ++tid) {
+      const int p = tid ^ o;
+      esvit::lse_merge(ls[tid], unused[tid], ls0[p], 0.f);
+      esvit::lse_merge(lt[tid], acc[tid], lt0[p], acc0[p]);
+    }
+  }
+  for (int w = 1; w < kThreads / 32; ++w) {
+    esvit::lse_merge(ls[0], unused[0], ls[32 * w], 0.f);
+    esvit::lse_merge(lt[0], acc[0], lt[32 * w], acc[32 * w]);
+  }
+  const float lse_x = ls[0].m + log2f(ls[0].l), lse_u = lt[0].m + log2f(lt[0].l);
+  Vec res{lse_x, lse_u, 0.6931471805599453f * (lse_x - acc[0] / lt[0].l)};
+  for (int k = 0; k < K; ++k)
+    res.push_back((exp2f((float)s[k] * xs_scale - lse_x) - exp2f(((float)t[k] - (float)c[k]) * u_scale - lse_u)) / ts);
+  write(out, res);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc >= 2 && !strcmp(argv[1], "tables")) return tables(argc, argv);
+  if (argc == 4 && !strcmp(argv[1], "lse")) {
+    Reader in{fopen(argv[2], "rb")};
+    FILE* out = fopen(argv[3], "wb");
+    if (!in.f || !out) { perror("open"); return 3; }
+    const int rc = replay_region_loss(in, out);
+    fclose(out);
+    return rc;
+  }
   if (argc == 5 && (!strcmp(argv[1], "map") || !strcmp(argv[1], "win"))) {
     Reader in{fopen(argv[2], "rb")};
     FILE* out = fopen(argv[3], "wb");
@@ -224,6 +274,6 @@ int main(int argc, char** argv) {
     fclose(out);
     return rc;
   }
-  fprintf(stderr, "usage: index_check tables H W Wh Ww sh sw roll_before_pad tile | map|win IN OUT tile\n");
+  fprintf(stderr, "usage: index_check tables H W Wh Ww sh sw roll_before_pad tile | map|win IN OUT tile | lse IN OUT\n");
   return 2;
 }

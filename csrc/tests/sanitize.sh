@@ -15,5 +15,5 @@ for tool in ${tools[*]}; do
   echo "== compute-sanitizer --tool $tool"
   "$SAN" --tool "$tool" --error-exitcode 99 --target-processes all \
     "$PY" -m pytest -q -p no:cacheprovider -k sanitizer \
-    tests/gpu/test_cuda_window_attention.py tests/gpu/test_cuda_region_match.py
+    tests/gpu/test_cuda_window_attention.py tests/gpu/test_cuda_region_match.py tests/gpu/test_cuda_region_loss.py
 done

@@ -1,5 +1,5 @@
-// Host <-> kernel interface of the window-attention kernels: one argument struct for both layouts and
-// the launchers (window_attention_fwd.cu / window_attention_bwd.cu). Plain C++ so ops.cpp can include it.
+// Host <-> kernel interface: argument structs and launchers of the kernels in csrc/*.cu. Plain C++ so
+// ops.cpp can include it.
 #pragma once
 
 #include <stdint.h>
@@ -68,5 +68,25 @@ int64_t window_attention_bwd_smem(const WinArgs& a);
 // Region matching: student (B, Ts, D), teacher (B, Tt, D) contiguous, both of `dtype`; out (B, Ts) int64.
 void launch_region_match(const void* student, const void* teacher, int64_t* out, int B, int Ts, int Tt, int D,
                          DType dtype, void* stream);
+
+// Region loss: student (R = B*Ts rows of K), teacher (B, Tt, K), both contiguous of `dtype`; match (B, Ts)
+// int64 in [0, Tt) (checked by the caller: the kernels trust it); center (K,) float32.
+struct RegionLossArgs {
+  const void* student;
+  const void* teacher;
+  const int64_t* match;
+  const float* center;
+  int64_t rows;  // B * Ts
+  int Ts, Tt, K;
+  float student_temp, teacher_temp;
+  DType dtype;
+  bool vec;      // rows 16-byte aligned (K * element size a multiple of 16, aligned pointers)
+};
+
+// row_loss (R,) float32 = CE of each row; stats (R, 2) float32 = (lse2 of s*log2e/ts, lse2 of (t-c)*log2e/tt).
+void launch_region_loss_fwd(const RegionLossArgs& a, float* row_loss, float* stats, void* stream);
+// dstudent (R, K) in `dtype` from the scalar float32 upstream gradient grad_loss (device pointer).
+void launch_region_loss_bwd(const RegionLossArgs& a, const float* grad_loss, const float* stats, void* dstudent,
+                            void* stream);
 
 }  // namespace esvit
