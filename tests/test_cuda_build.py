@@ -43,8 +43,10 @@ SCHEMAS = {
 
 
 def _expect_extension() -> bool:
-    """A toolkit was there at build time (CUDA_HOME set, as `make test` / CI do) and the build not disabled."""
-    return bool(os.environ.get("CUDA_HOME")) and os.environ.get("ESVIT_KERNELS_BUILD_CUDA", "auto") != "0"
+    """A toolkit was there at build time (CUDA_HOME set, as `make test` / CI do), torch is a CUDA build and the
+    build was not disabled: then the extension must be there."""
+    return (bool(os.environ.get("CUDA_HOME")) and torch.version.cuda is not None
+            and os.environ.get("ESVIT_KERNELS_BUILD_CUDA", "auto") != "0")
 
 
 def _load_ext():
