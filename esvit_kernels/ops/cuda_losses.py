@@ -21,6 +21,7 @@ float student_temp, float teacher_temp) -> Tensor``
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import torch
@@ -99,3 +100,10 @@ def get(op: str):
         raise BackendUnavailableError(f"{op}: the cuda backend has no kernel for this op "
                                       f"(it has: {', '.join(OP_BACKENDS[op])})")
     raise BackendUnavailableError(f"{op}: no CUDA kernel for this op")
+
+
+# csrc/ops.cpp points torch at this module for these ops' fakes (set_python_module): register them on import
+# whenever the extension is built, so torch.ops.esvit_cuda.* works under torch.compile even when called
+# directly rather than through get().
+with contextlib.suppress(BackendUnavailableError):
+    _ops()

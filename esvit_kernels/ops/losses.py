@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..backends import BackendUnavailableError
+from . import cuda_losses  # registers the CUDA loss ops' fakes/autograd when esvit_kernels._C is built
 
 __all__ = ["get"]
 
@@ -263,9 +264,5 @@ def get(op: str, backend: str):
     if backend == "triton":
         return _TRITON[op]
     if backend == "cuda":
-        try:
-            mod = importlib.import_module("esvit_kernels.ops.cuda_losses")
-        except ImportError as exc:
-            raise BackendUnavailableError(f"{op}: the cuda backend's loss ops are not available: {exc}") from exc
-        return mod.get(op)
+        return cuda_losses.get(op)
     raise BackendUnavailableError(f"{op}: no fused implementation for backend {backend!r}")

@@ -30,6 +30,7 @@ Tensor dv, Tensor dbias)``
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import torch
@@ -224,3 +225,9 @@ def get(op: str, backend: str):
 
         return shifted_window_attention
     raise ValueError(f"unknown op {op!r}")
+
+
+# csrc/ops.cpp points torch at this module for the esvit_cuda window ops' fakes (set_python_module):
+# register them on import whenever the extension is built, not only on the first get(..., "cuda").
+with contextlib.suppress(BackendUnavailableError):
+    _cuda_ops()
