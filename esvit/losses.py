@@ -9,7 +9,8 @@ Region matching uses the L2-normalised *backbone* region tokens (after the final
 outputs. Centers: the view center is the EMA (momentum 0.9) of the mean of the teacher's 2B global-crop
 view-head outputs, the region center that of the mean over all teacher region-head tokens; both means are
 all-reduced across ranks and the centers are updated after the loss (by rebinding, never in place, so a
-fused kernel that saved the old center for its backward still sees it).
+fused kernel that saved the old center for its backward still sees it). The batch means come out of the
+loss kernels' teacher pass (``return_teacher_mean=True``): no second pass, no fp32 copy of the logits.
 """
 
 from __future__ import annotations
@@ -57,37 +58,38 @@ class EsViTLoss(nn.Module):
     def forward(self, student: MultiCropOutput, teacher: MultiCropOutput, teacher_temp: float) -> LossOutput:
         """Loss of one step; updates the centers from ``teacher`` afterwards."""
         kw = {"student_temp": self.student_temp, "teacher_temp": float(teacher_temp), "backend": self.backend}
-        view = esvit_kernels.dino_loss(student.view_logits, teacher.view_logits, self.center, **kw)
+        view, view_mean = esvit_kernels.dino_loss(student.view_logits, teacher.view_logits, self.center,
+                                                  return_teacher_mean=True, **kw)
         total = self.view_weight * view
-        region = None
+        region = region_mean = None
         if self.use_region:
             if student.region_logits is None or teacher.region_logits is None:
                 raise ValueError("region_weight > 0 needs region-head outputs from student and teacher")
             if len(teacher.region_logits) != 1:
                 raise ValueError("the teacher's crops must all have one resolution")
-            region = esvit_kernels.multi_region_loss(
+            region, region_mean = esvit_kernels.multi_region_loss(
                 student.region_logits, student.region_feats, teacher.region_logits[0], teacher.region_feats[0],
-                self.region_center, **kw,
+                self.region_center, return_teacher_mean=True, **kw,
             )
             total = total + self.region_weight * region
-        self.update_centers(teacher)
+        self.update_centers(view_mean, region_mean)
         return LossOutput(total, view, region)
 
     @torch.no_grad()
-    def update_centers(self, teacher: MultiCropOutput) -> None:
-        """EMA of the (all-reduced) batch means of the teacher's view and region head outputs."""
+    def update_centers(self, view_mean: torch.Tensor, region_mean: torch.Tensor | None) -> None:
+        """EMA of the batch means (1, K) of the teacher's view and region head outputs, averaged over ranks
+        (every rank has the same batch size, so the mean of the ranks' means is the global mean)."""
         m = self.center_momentum
-        self.center = self.center * m + _global_mean(teacher.view_logits) * (1 - m)
-        if self.use_region and teacher.region_logits is not None:
-            self.region_center = self.region_center * m + _global_mean(teacher.region_logits[0]) * (1 - m)
+        self.center = self.center * m + _rank_mean(view_mean) * (1 - m)
+        if region_mean is not None:
+            self.region_center = self.region_center * m + _rank_mean(region_mean) * (1 - m)
 
 
-def _global_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over every row of ``x`` (..., K) on every rank -> (1, K) float32."""
-    x = x.detach().float().reshape(-1, x.shape[-1])
-    total = x.sum(dim=0, keepdim=True)
-    count = x.shape[0]
+def _rank_mean(mean: torch.Tensor) -> torch.Tensor:
+    """Average a (1, K) float32 batch mean over the ranks."""
+    mean = mean.detach().float().reshape(1, -1)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-        count *= dist.get_world_size()
-    return total / count
+        mean = mean.clone()
+        dist.all_reduce(mean)
+        mean /= dist.get_world_size()
+    return mean
