@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "eval-linear": "esvit.commands.eval_linear",
     "viz-correspondence": "esvit.commands.viz_correspondence",
     "viz-attention": "esvit.commands.viz_attention",
+    "demo": "esvit.commands.demo",
 }
 
 

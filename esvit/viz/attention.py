@@ -140,7 +140,9 @@ def draw_attention(
         ax.imshow(m.numpy(), cmap="inferno", alpha=0.6, interpolation="nearest", vmin=0, vmax=1)
         ax.text(4, 14, f"head {i}  max {float(maps[i - 1].max()):.2f}", color="white", fontsize=7,
                 backgroundcolor="black")
-    fig.text(0.5, 1 - band / height / 2, title, ha="center", va="center", fontsize=8)
+    note = f"colours: min-max per head; uniform attention = 1/{maps.shape[-2] * maps.shape[-1]} = " \
+           f"{1 / (maps.shape[-2] * maps.shape[-1]):.2f}"
+    fig.text(0.5, 1 - band / height / 2, f"{title}\n{note}" if title else note, ha="center", va="center", fontsize=8)
     fig.savefig(path, dpi=dpi, format="png")
     plt.close(fig)
     return width, height
