@@ -15,6 +15,11 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 COMMANDS: dict[str, str] = {
     "pretrain": "esvit.commands.pretrain",
     "make-dataset": "esvit.commands.make_dataset",
+    "eval-knn": "esvit.commands.eval_knn",
+    "eval-linear": "esvit.commands.eval_linear",
+    "viz-correspondence": "esvit.commands.viz_correspondence",
+    "viz-attention": "esvit.commands.viz_attention",
+    "demo": "esvit.commands.demo",
 }
 
 
