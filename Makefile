@@ -30,15 +30,14 @@ build: $(STAMP)
 test: build
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
-# EsViT pretraining on the embedded (generated) dataset, fresh each time: the tiny Swin on the CPU for a few
-# minutes, or Swin-T at 224/96 px on the fused kernels when a GPU is present. The loss of every epoch is printed.
+# The whole story on the embedded (generated) dataset, fresh each time: environment report, fused kernels vs
+# the reference, EsViT pretraining (tiny Swin on the CPU for a few minutes; Swin-T on the fused kernels when a
+# GPU is present), then k-NN / linear probe / correspondence of the pretrained vs a random-init backbone.
 demo: $(STAMP)
 	$(PY) -m esvit_kernels
 	TRITON_INTERPRET=$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)") \
 	  $(PY) -m esvit_kernels.demo
-	rm -rf runs/demo
-	$(PY) -m esvit pretrain --data embedded --output runs/demo --config $$($(PY) -c \
-	  "import torch; print('configs/demo_' + ('gpu' if torch.cuda.is_available() else 'cpu') + '.yaml')")
+	$(PY) -m esvit demo --output runs/demo --fresh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
