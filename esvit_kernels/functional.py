@@ -215,7 +215,7 @@ def _check_match_range(match_index: torch.Tensor, tt: int) -> None:
         torch._assert_async(((match_index >= 0) & (match_index < tt)).all(),
                             f"region_loss: match_index values must lie in [0, Tt={tt})")
         return
-    lo, hi = int(match_index.min()), int(match_index.max())
+    lo, hi = torch.stack(torch.aminmax(match_index)).tolist()
     if lo < 0 or hi >= tt:
         raise ValueError(f"match_index values must lie in [0, Tt={tt}), got range [{lo}, {hi}]")
 

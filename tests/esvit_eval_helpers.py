@@ -11,6 +11,7 @@ from esvit.checkpoint import FORMAT, VERSION
 from esvit.config import load_config, validate
 from esvit.data.synthetic import make_dataset
 from esvit.models import create_backbone
+from tests.esvit_helpers import one_thread  # noqa: F401  (fixture, re-exported for the eval / viz tests)
 
 # swin_micro at 32 px: 8x8 -> 4x4 -> 2x2 tokens; the last stage is one 2x2 window
 TINY_MODEL = ["model.arch=swin_micro", "model.window_size=4", "model.backend=torch", "data.global_crop_size=32",
@@ -45,12 +46,3 @@ def tiny_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "ds"
     make_dataset(root, 48, 4, val_fraction=0.25, image_size=48, seed=0)
     return root
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models run faster so on a shared machine; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
