@@ -38,8 +38,8 @@ class Field:
 
 SCHEMA: dict[str, dict[str, Field]] = {
     "model": {
-        "arch": Field("swin_tiny", "backbone: swin_micro | swin_tiny | swin_small | swin_base | deit_small | "
-                                   "vit_base | resnet50"),
+        "arch": Field("swin_tiny", "backbone: swin_micro | swin_micro_conv | swin_tiny | swin_small | swin_base | "
+                                   "deit_small | vit_base | resnet50"),
         "window_size": Field(7, "Swin window size W (7 or 14); a stage whose map is <= W at the global crop "
                                 "size uses its map size and no shift"),
         "patch_size": Field(16, "ViT patch size (deit_small / vit_base)"),
@@ -74,9 +74,14 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "global_crops_scale": Field([0.4, 1.0], "RandomResizedCrop scale range of the global crops", "float_pair"),
         "local_crops_scale": Field([0.05, 0.4], "RandomResizedCrop scale range of the local crops", "float_pair"),
         "local_crops_number": Field(8, "local crops per image (0 = the two global crops only)"),
+        "blur": Field(True, "Gaussian blur (p 1.0 / 0.1 / 0.5 on global 1 / global 2 / local crops) as DINO; "
+                            "false drops it (radius 0.1-2 px wipes out fine patterns in 32-64 px crops)"),
+        "solarize": Field(True, "solarization (p 0.2) of the second global crop as DINO"),
         "num_workers": Field(8, "data-loading worker processes per training process"),
         "embedded_images": Field(2000, "images of the embedded dataset"),
-        "embedded_classes": Field(10, "classes of the embedded dataset (<= 32)"),
+        "embedded_kind": Field("textures", "the embedded dataset's generator: textures (10 pattern classes in "
+                                           "smooth colour fields) | shapes (up to 32 shape x texture classes)"),
+        "embedded_classes": Field(10, "classes of the embedded dataset (<= 10 for textures, <= 32 for shapes)"),
         "embedded_image_size": Field(96, "image size (px) of the embedded dataset"),
         "cache_dir": Field(None, "where the embedded dataset is generated (default $ESVIT_CACHE or "
                                  "~/.cache/esvit)", "opt_str"),
@@ -271,6 +276,7 @@ def _check(cond: bool, msg: str) -> None:
 
 def validate(cfg: dict) -> dict:
     """Check that every key is known and typed and that the settings can work; returns ``cfg``."""
+    from .data.synthetic import DATASET_KINDS, max_classes
     from .models import ARCHS, min_crop_size
 
     for section, values in cfg.items():
@@ -303,7 +309,11 @@ def validate(cfg: dict) -> dict:
         _check(0 < a <= b <= 1, f"data.{k} must satisfy 0 < min <= max <= 1, got {d[k]}")
     _check(d["local_crops_number"] >= 0, "data.local_crops_number must be >= 0")
     _check(d["num_workers"] >= 0, "data.num_workers must be >= 0")
-    _check(1 <= d["embedded_classes"] <= 32, "data.embedded_classes must be in [1, 32]")
+    _check(d["embedded_kind"] in DATASET_KINDS, f"data.embedded_kind must be one of {', '.join(DATASET_KINDS)}")
+    if d["embedded_kind"] in DATASET_KINDS:
+        top = max_classes(d["embedded_kind"])
+        _check(1 <= d["embedded_classes"] <= top,
+               f"data.embedded_classes must be in [1, {top}] for the {d['embedded_kind']} dataset")
     _check(d["embedded_images"] >= d["embedded_classes"], "data.embedded_images must be >= data.embedded_classes")
     _check(d["embedded_image_size"] >= 16, "data.embedded_image_size must be >= 16")
     _check(o["epochs"] >= 1, f"optim.epochs must be >= 1, got {o['epochs']}")

@@ -288,10 +288,10 @@ def resolve_data_root(cfg: dict, env: DistEnv) -> Path:
     cache = Path(d["cache_dir"] or os.environ.get("ESVIT_CACHE") or Path.home() / ".cache" / "esvit")
     args = (cache, d["embedded_images"], d["embedded_classes"], d["embedded_image_size"], 0)
     if env.local_rank == 0:
-        root = ensure_embedded(*args, progress=env.is_main and cfg["train"]["progress"])
+        root = ensure_embedded(*args, progress=env.is_main and cfg["train"]["progress"], kind=d["embedded_kind"])
     barrier()
     if env.local_rank != 0:
-        root = ensure_embedded(*args)
+        root = ensure_embedded(*args, kind=d["embedded_kind"])
     return root
 
 
@@ -303,7 +303,8 @@ def build_loader(cfg: dict, env: DistEnv, root: Path):
 
     d, o, seed = cfg["data"], cfg["optim"], cfg["train"]["seed"]
     aug = MultiCropAugmentation(d["global_crop_size"], d["local_crop_size"], tuple(d["global_crops_scale"]),
-                                tuple(d["local_crops_scale"]), d["local_crops_number"])
+                                tuple(d["local_crops_scale"]), d["local_crops_number"], blur=d["blur"],
+                                solarize=d["solarize"])
     dataset = ImageDataset(root, aug, seed=seed)
     probe = dataset[0]  # fail fast on an unreadable first image
     if "error" in probe:

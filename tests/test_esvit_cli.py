@@ -43,7 +43,10 @@ def test_make_dataset_command(tmp_path, capsys):
     assert "24 train / 6 val" in capsys.readouterr().out
     assert len(list((tmp_path / "d" / "val").rglob("*.png"))) == 6
     assert main(["make-dataset", str(tmp_path / "e"), "--num-images", "30", "--num-classes", "40"]) == 2
-    assert "between 1 and 32" in capsys.readouterr().err
+    assert "between 1 and 10 for textures" in capsys.readouterr().err
+    assert main(["make-dataset", str(tmp_path / "f"), "--num-images", "30", "--num-classes", "12", "--kind", "shapes",
+                 "--image-size", "32"]) == 0
+    assert (tmp_path / "f" / "train" / "11_hexagon_solid").is_dir()
 
 
 def _bad_folders(root: Path) -> dict[str, Path]:
@@ -54,7 +57,7 @@ def _bad_folders(root: Path) -> dict[str, Path]:
     (only_bad / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     mixed = root / "mixed"
     make_dataset(mixed, 20, 2, image_size=32)
-    (mixed / "train" / "00_circle_solid" / "00_circle_solid_000002.png").write_bytes(b"garbage")
+    (mixed / "train" / "00_stripes" / "00_stripes_000002.png").write_bytes(b"garbage")
     return {"empty": root / "empty", "file": root / "afile", "only_bad": root / "only_bad",
             "mixed": mixed, "missing": root / "missing"}
 
@@ -72,6 +75,9 @@ def _bad_folders(root: Path) -> dict[str, Path]:
     ("mixed", ["--arch", "deit_small", "data.local_crop_size=8"],
      r"data.local_crop_size = 8 px is smaller than one patch of deit_small \(16 px\)"),
     ("mixed", ["data.global_crop_size=2"], "smaller than one patch of swin_micro"),
+    ("mixed", ["data.embedded_kind=faces"], "data.embedded_kind must be one of textures, shapes"),
+    ("mixed", ["data.embedded_classes=11"], r"data.embedded_classes must be in \[1, 10\] for the textures dataset"),
+    ("mixed", ["data.blur=maybe"], "data.blur must be"),
 ])
 def test_bad_input_gives_a_clear_error(tmp_path, cache, capsys, case, extra, message):
     folders = _bad_folders(tmp_path)

@@ -21,6 +21,7 @@ from esvit.data import (
     render_image,
     scan_image_folder,
 )
+from esvit.data.synthetic import max_classes
 from esvit.errors import DataError
 
 
@@ -46,19 +47,54 @@ def test_make_dataset_deterministic_labelled_split(tmp_path):
     (tmp_path / "c" / "x.txt").write_text("x")
     with pytest.raises(DataError, match="not an empty directory"):
         make_dataset(tmp_path / "c", 10, 2)
-    with pytest.raises(DataError, match="between 1 and 32"):
-        make_dataset(tmp_path / "d", 100, 33)
+    with pytest.raises(DataError, match="between 1 and 10 for textures"):
+        make_dataset(tmp_path / "d", 100, 11)
+    with pytest.raises(DataError, match="between 1 and 32 for shapes"):
+        make_dataset(tmp_path / "d", 100, 33, kind="shapes")
+    with pytest.raises(DataError, match="unknown dataset kind"):
+        make_dataset(tmp_path / "d", 100, 3, kind="faces")
+    # the kind is part of the identity of a generated directory
+    with pytest.raises(DataError, match="other arguments"):
+        make_dataset(tmp_path / "a", 60, 6, val_fraction=0.2, image_size=32, seed=3, kind="shapes")
     # a generated root means its train split
     samples, names = scan_image_folder(tmp_path / "a")
     assert len(samples) == 48 and names == classes
 
 
-def test_generated_images_are_varied():
-    imgs = [np.asarray(render_image(i, i % 8, 48), dtype=np.float32) for i in range(16)]
+@pytest.mark.parametrize("kind", ["textures", "shapes"])
+def test_generated_images_are_varied(kind):
+    imgs = [np.asarray(render_image(i, i % 8, 48, kind=kind), dtype=np.float32) for i in range(16)]
     assert all(im.shape == (48, 48, 3) and im.std() > 10 for im in imgs)  # not flat
-    # two images of one class differ (colour, position, scale, background vary)
+    # two images of one class differ (colour, position, scale / orientation, background vary)
     assert np.abs(imgs[0] - imgs[8]).mean() > 10
-    assert np.array_equal(np.asarray(render_image(5, 3, 48)), np.asarray(render_image(5, 3, 48)))
+    assert np.array_equal(np.asarray(render_image(5, 3, 48, kind=kind)), np.asarray(render_image(5, 3, 48, kind=kind)))
+    with pytest.raises(ValueError, match="label must be in"):
+        render_image(0, max_classes(kind), 48, kind=kind)
+
+
+def test_texture_colours_vary_across_the_image():
+    """The textures' colour fields differ between the halves of an image (no crop shares another's colours),
+    and ink and paper stay 128 apart (up to the noise), so the pattern is visible everywhere."""
+    im = np.asarray(render_image(3, 0, 96), dtype=np.float32)
+    left, right = im[:, :32].reshape(-1, 3), im[:, 64:].reshape(-1, 3)
+    assert np.abs(np.median(left, 0) - np.median(right, 0)).max() > 10
+    gray = im.mean(-1)
+    assert np.percentile(gray, 90) - np.percentile(gray, 10) > 90
+
+
+def test_augmentation_blur_and_solarize_switch_off():
+    img = render_image(0, 2, 64)
+    torch.manual_seed(0)
+    plain = MultiCropAugmentation(64, 32, (1.0, 1.0), (0.3, 0.3), local_number=0, blur=False, solarize=False)
+    blurred = MultiCropAugmentation(64, 32, (1.0, 1.0), (0.3, 0.3), local_number=0)
+    assert plain.global_1.transforms[2].p == 0.0 and plain.global_2.transforms[3].p == 0.0
+    assert blurred.global_1.transforms[2].p == 1.0 and blurred.global_2.transforms[3].p == 0.2
+    # without blur the first global crop keeps the pattern's edges (higher gradient energy)
+    def edges(aug):
+        torch.manual_seed(1)
+        x = aug(img)[0]
+        return (x[:, 1:] - x[:, :-1]).abs().mean().item()
+    assert edges(plain) > 1.2 * edges(blurred)
 
 
 def test_multicrop_augmentation_shapes():

@@ -24,7 +24,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "EsViT demo report" in text and "k-NN top-1, k=20" in text and "correspondence accuracy" in text
     report = json.loads((out / "report.json").read_text())
-    assert report["arch"] == "swin_micro" and report["crop_size"] == 32 and report["backend"] == "torch"
+    assert report["arch"] == "swin_micro_conv" and report["crop_size"] == 32 and report["backend"] == "torch"
     assert report["epochs"] == 1 and report["wall_time_s"] >= report["pretrain_time_s"] > 0
     for name in ("pretrained", "random_init"):
         res = report["results"][name]

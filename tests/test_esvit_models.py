@@ -57,6 +57,30 @@ def test_micro_preset_windows_and_size():
     assert r.shape == (2, 4, 128)
 
 
+def test_conv_stem_preset():
+    """swin_micro_conv: the same blocks as swin_micro behind a conv stem with the patch embedding's token grid;
+    every sample independent of its batch (GroupNorm, not BatchNorm)."""
+    from esvit.models.swin import ConvStem
+
+    torch.manual_seed(0)
+    m = create_backbone("swin_micro_conv", window_size=4, img_size=64, drop_path_rate=0.0, backend="torch").eval()
+    patch = create_backbone("swin_micro", window_size=4, img_size=64)
+    assert isinstance(m.patch_embed, ConvStem) and m.stage_windows == patch.stage_windows
+    blocks = {k: v.shape for k, v in m.state_dict().items() if not k.startswith("patch_embed.")}
+    assert blocks == {k: v.shape for k, v in patch.state_dict().items() if not k.startswith("patch_embed.")}
+    x = torch.randn(3, 3, 64, 64)
+    v, r = m(x)
+    assert v.shape == (3, 128) and r.shape == (3, 16, 128)
+    torch.testing.assert_close(m(x[1:2])[1], r[1:2], rtol=1e-5, atol=1e-5)  # batch-independent
+    assert m(torch.randn(2, 3, 32, 32))[1].shape == (2, 4, 128)  # local crop
+    v.sum().backward()
+    assert all(p.grad is not None for p in m.patch_embed.parameters())
+    with pytest.raises(ValueError, match="stem must be"):
+        SwinTransformer(img_size=64, stem="resnet")
+    with pytest.raises(ValueError, match="conv stem downsamples by 4"):
+        SwinTransformer(img_size=64, patch_size=8, stem="conv")
+
+
 @pytest.mark.parametrize("name,timm_name", [("swin_tiny", "swin_tiny_patch4_window7_224"),
                                             ("swin_base", "swin_base_patch4_window7_224"),
                                             ("deit_small", "vit_small_patch16_224"),

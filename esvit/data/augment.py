@@ -3,8 +3,9 @@
 Global crops: RandomResizedCrop (scale (0.4, 1), bicubic), horizontal flip, colour jitter (0.4, 0.4, 0.2,
 0.1) with p 0.8, grayscale p 0.2, then Gaussian blur p 1.0 on the first, blur p 0.1 + solarize p 0.2 on
 the second. Local crops: RandomResizedCrop (scale (0.05, 0.4)), the same flip / jitter / grayscale, blur
-p 0.5. ImageNet mean / std. All randomness comes from torch's RNG, so seeding it per sample makes a
-sample's crops a pure function of the seed (see :class:`esvit.data.datasets.ImageDataset`).
+p 0.5. ``blur=False`` / ``solarize=False`` drop those two (e.g. for tiny crops). ImageNet mean / std.
+All randomness comes from torch's RNG, so seeding it per sample makes a sample's crops a pure function of
+the seed (see :class:`esvit.data.datasets.ImageDataset`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class MultiCropAugmentation:
 
     def __init__(
         self, global_size: int = 224, local_size: int = 96, global_scale: tuple[float, float] = (0.4, 1.0),
-        local_scale: tuple[float, float] = (0.05, 0.4), local_number: int = 8,
+        local_scale: tuple[float, float] = (0.05, 0.4), local_number: int = 8, blur: bool = True,
+        solarize: bool = True,
     ) -> None:
         bicubic = T.InterpolationMode.BICUBIC
         flip_jitter = T.Compose([
@@ -56,12 +58,14 @@ class MultiCropAugmentation:
             T.RandomGrayscale(p=0.2),
         ])
         normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        b = 1.0 if blur else 0.0
         self.global_1 = T.Compose([T.RandomResizedCrop(global_size, scale=tuple(global_scale), interpolation=bicubic),
-                                   flip_jitter, GaussianBlur(1.0), normalize])
+                                   flip_jitter, GaussianBlur(1.0 * b), normalize])
         self.global_2 = T.Compose([T.RandomResizedCrop(global_size, scale=tuple(global_scale), interpolation=bicubic),
-                                   flip_jitter, GaussianBlur(0.1), Solarization(0.2), normalize])
+                                   flip_jitter, GaussianBlur(0.1 * b), Solarization(0.2 if solarize else 0.0),
+                                   normalize])
         self.local = T.Compose([T.RandomResizedCrop(local_size, scale=tuple(local_scale), interpolation=bicubic),
-                                flip_jitter, GaussianBlur(0.5), normalize])
+                                flip_jitter, GaussianBlur(0.5 * b), normalize])
         self.local_number = local_number
 
     @property

@@ -1,11 +1,20 @@
-"""A generated, labelled image dataset, so a demo or a test never downloads anything.
+"""Generated, labelled image datasets, so a demo or a test never downloads anything.
 
-Each class is a (shape, texture) pair -- 8 shapes (circle, square, triangle, hexagon, star, cross, ring,
-crescent) x 4 textures (solid, stripes, dots, checker), ordered so that the first classes differ in both.
-Every image draws its object with a random colour, position, scale and rotation (the texture rotates
-with it) over a random background (solid, gradient, noise or blobs with distractors), so a model has to
-become invariant to colour, position, scale and background to tell classes apart -- what the multi-crop
-objective teaches. Images are a pure function of (seed, index): the same arguments give the same bytes.
+Two kinds (``kind=``):
+
+* ``"textures"`` (the default; what the demo pretrains on): 10 classes of full-image patterns -- stripes,
+  checker, dots, grid, rings, waves, zigzag, blobs, radial, hatch -- each with a random orientation,
+  period and phase, drawn in two colour *fields* that vary smoothly over the image (ink = a bicubic
+  3x3 random colour field at half brightness, paper = ink + 128, the two swapped at random). Every crop
+  of an image shows the same pattern class but other colours, so the one thing the multi-crop objective
+  can agree on across views is the pattern -- and a random network's features, dominated by colour,
+  know little of it.
+* ``"shapes"``: up to 32 classes, each a (shape, texture) pair -- 8 shapes (circle, square, triangle,
+  hexagon, star, cross, ring, crescent) x 4 textures (solid, stripes, dots, checker) -- drawn with a random
+  colour, position, scale and rotation over a random background (solid, gradient, noise or blobs with
+  distractors). Harder: a few CPU minutes of pretraining do not learn it (README, "The demo").
+
+Images are a pure function of (kind, seed, index): the same arguments give the same bytes.
 
 Layout: ``DIR/train/<class>/<class>_<index>.png`` (and ``DIR/val/...`` with ``val_fraction > 0``), plus
 ``DIR/esvit_dataset.json`` written last (its presence marks a complete dataset).
@@ -24,13 +33,16 @@ from PIL import Image, ImageDraw
 
 from ..errors import DataError
 
-__all__ = ["MAX_CLASSES", "META_FILE", "class_names", "ensure_embedded", "make_dataset", "render_image"]
+__all__ = ["DATASET_KINDS", "MAX_CLASSES", "META_FILE", "PATTERNS", "class_names", "ensure_embedded", "make_dataset",
+           "max_classes", "render_image"]
 
+DATASET_KINDS = ("textures", "shapes")
+PATTERNS = ("stripes", "checker", "dots", "grid", "rings", "waves", "zigzag", "blobs", "radial", "hatch")
 SHAPES = ("circle", "square", "triangle", "hexagon", "star", "cross", "ring", "crescent")
 TEXTURES = ("solid", "stripes", "dots", "checker")
-MAX_CLASSES = len(SHAPES) * len(TEXTURES)
+MAX_CLASSES = {"textures": len(PATTERNS), "shapes": len(SHAPES) * len(TEXTURES)}
 META_FILE = "esvit_dataset.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _SS = 4  # supersampling of the shape mask (anti-aliased edges)
 
 
@@ -38,8 +50,22 @@ def _class_pair(i: int) -> tuple[str, str]:
     return SHAPES[i % len(SHAPES)], TEXTURES[(i + i // len(SHAPES)) % len(TEXTURES)]
 
 
-def class_names(num_classes: int) -> list[str]:
-    """Directory names of the first ``num_classes`` classes, e.g. ``03_hexagon_checker``."""
+def _check_kind(kind: str) -> None:
+    if kind not in DATASET_KINDS:
+        raise DataError(f"unknown dataset kind {kind!r}; choose one of {', '.join(DATASET_KINDS)}")
+
+
+def max_classes(kind: str = "textures") -> int:
+    """How many classes the generator of ``kind`` has (textures 10, shapes 32)."""
+    _check_kind(kind)
+    return MAX_CLASSES[kind]
+
+
+def class_names(num_classes: int, kind: str = "textures") -> list[str]:
+    """Directory names of the first ``num_classes`` classes, e.g. ``03_grid`` or ``03_hexagon_checker``."""
+    _check_kind(kind)
+    if kind == "textures":
+        return [f"{i:02d}_{PATTERNS[i]}" for i in range(num_classes)]
     return [f"{i:02d}_{'_'.join(_class_pair(i))}" for i in range(num_classes)]
 
 
@@ -130,17 +156,77 @@ def _texture(texture: str, size: int, cx: float, cy: float, r: float, theta: flo
     p = max(r * rng.uniform(0.35, 0.6), 2.0)
     if texture == "solid":
         return np.zeros((size, size), bool)
-    if texture == "stripes":
-        return np.floor(u / (p / 2)) % 2 == 1
-    if texture == "checker":
-        return (np.floor(u / (p / 2)) + np.floor(v / (p / 2))) % 2 == 1
-    if texture == "dots":
-        return ((u % p) - p / 2) ** 2 + ((v % p) - p / 2) ** 2 < (0.3 * p) ** 2
+    if texture in _PERIODIC:
+        return _periodic(texture, u, v, p)
     raise ValueError(f"unknown texture {texture!r}")
 
 
-def render_image(index: int, label: int, size: int = 96, seed: int = 0) -> Image.Image:
-    """The image number ``index`` (of class ``label``) of the dataset with ``seed``."""
+_PERIODIC = ("stripes", "checker", "dots")
+
+
+def _periodic(kind: str, u: np.ndarray, v: np.ndarray, p: float) -> np.ndarray:
+    """Stripes, checker or dots of period ``p`` in the rotated frame (u, v)."""
+    if kind == "stripes":
+        return np.floor(u / (p / 2)) % 2 == 1
+    if kind == "checker":
+        return (np.floor(u / (p / 2)) + np.floor(v / (p / 2))) % 2 == 1
+    return ((u % p) - p / 2) ** 2 + ((v % p) - p / 2) ** 2 < (0.3 * p) ** 2
+
+
+def _pattern(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size) bool full-image pattern of class ``kind`` with a random orientation, period and phase."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    th = rng.uniform(0, 2 * math.pi)
+    p = max(size * rng.uniform(0.09, 0.17), 2.0)
+    cx, cy = rng.uniform(0, size, 2)
+    u = (xx - cx) * math.cos(th) + (yy - cy) * math.sin(th)
+    v = -(xx - cx) * math.sin(th) + (yy - cy) * math.cos(th)
+    if kind in _PERIODIC:
+        return _periodic(kind, u, v, p)
+    if kind in ("grid", "hatch"):  # hatch: two line families 60 degrees apart
+        a = th + (math.pi / 2 if kind == "grid" else math.pi / 3)
+        u2 = (xx - cx) * math.cos(a) + (yy - cy) * math.sin(a)
+        return (np.abs((u % p) - p / 2) < 0.12 * p) | (np.abs((u2 % p) - p / 2) < 0.12 * p)
+    if kind == "rings":
+        return np.floor(np.hypot(u, v) / (p / 2)) % 2 == 1
+    if kind == "waves":
+        return np.floor((u + 0.35 * p * np.sin(2 * math.pi * v / (1.5 * p))) / (p / 2)) % 2 == 1
+    if kind == "zigzag":
+        return np.floor((u + np.abs((v / p) % 2 - 1) * p * 0.8) / (p / 2)) % 2 == 1
+    if kind == "blobs":  # thresholded smooth noise
+        g = _smooth_field(rng, size, size // 8 + 2, 1)[..., 0]
+        return g > np.median(g)
+    if kind == "radial":
+        n = int(rng.integers(6, 12))
+        return np.floor((np.arctan2(v, u) + math.pi) / (math.pi / n)) % 2 == 1
+    raise ValueError(f"unknown pattern {kind!r}")
+
+
+def _smooth_field(rng: np.random.Generator, size: int, grid: int, channels: int) -> np.ndarray:
+    """(size, size, channels) float field in [0, 255]: a grid x grid random lattice, bicubic-upsampled."""
+    g = rng.uniform(0, 255, (grid, grid, channels)).astype(np.float32)
+    up = [np.asarray(Image.fromarray(g[..., c], "F").resize((size, size), Image.BICUBIC)) for c in range(channels)]
+    return np.clip(np.stack(up, -1), 0, 255)
+
+
+def _render_texture(index: int, label: int, size: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng([seed, index, label, 1])
+    ink = _smooth_field(rng, size, 3, 3) * 0.5
+    paper = ink + 128.0  # 128 apart in every channel, everywhere: the pattern is always visible
+    if rng.random() < 0.5:
+        ink, paper = paper, ink
+    mask = _pattern(PATTERNS[label], size, rng)[..., None]
+    img = np.where(mask, ink, paper) + rng.normal(0, 6, (size, size, 3))
+    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
+
+
+def render_image(index: int, label: int, size: int = 96, seed: int = 0, kind: str = "textures") -> Image.Image:
+    """The image number ``index`` (of class ``label``) of the dataset of ``kind`` with ``seed``."""
+    _check_kind(kind)
+    if not 0 <= label < MAX_CLASSES[kind]:
+        raise ValueError(f"label must be in [0, {MAX_CLASSES[kind]}) for {kind}, got {label}")
+    if kind == "textures":
+        return _render_texture(index, label, size, seed)
     rng = np.random.default_rng([seed, index, label])
     shape, texture = _class_pair(label)
     bg = _background(rng, size)
@@ -156,15 +242,18 @@ def render_image(index: int, label: int, size: int = 96, seed: int = 0) -> Image
     return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
 
 
-def _meta(num_images: int, num_classes: int, image_size: int, seed: int, val_fraction: float) -> dict:
-    return {"format": "esvit-synthetic", "version": FORMAT_VERSION, "num_images": num_images,
+def _meta(num_images: int, num_classes: int, image_size: int, seed: int, val_fraction: float, kind: str) -> dict:
+    return {"format": "esvit-synthetic", "version": FORMAT_VERSION, "kind": kind, "num_images": num_images,
             "num_classes": num_classes, "image_size": image_size, "seed": seed, "val_fraction": val_fraction,
-            "classes": class_names(num_classes)}
+            "classes": class_names(num_classes, kind)}
 
 
-def _check_args(num_images: int, num_classes: int, image_size: int, val_fraction: float) -> None:
-    if not 1 <= num_classes <= MAX_CLASSES:
-        raise DataError(f"--num-classes must be between 1 and {MAX_CLASSES} (8 shapes x 4 textures), got {num_classes}")
+def _check_args(num_images: int, num_classes: int, image_size: int, val_fraction: float, kind: str) -> None:
+    _check_kind(kind)
+    if not 1 <= num_classes <= MAX_CLASSES[kind]:
+        what = "10 patterns" if kind == "textures" else "8 shapes x 4 textures"
+        raise DataError(f"--num-classes must be between 1 and {MAX_CLASSES[kind]} for {kind} ({what}), "
+                        f"got {num_classes}")
     if num_images < num_classes:
         raise DataError(f"--num-images ({num_images}) must be at least --num-classes ({num_classes})")
     if image_size < 16:
@@ -174,8 +263,8 @@ def _check_args(num_images: int, num_classes: int, image_size: int, val_fraction
 
 
 def _write(root: Path, num_images: int, num_classes: int, image_size: int, seed: int, val_fraction: float,
-           progress: bool) -> dict:
-    names = class_names(num_classes)
+           kind: str, progress: bool) -> dict:
+    names = class_names(num_classes, kind)
     per_class: dict[int, list[int]] = {c: list(range(c, num_images, num_classes)) for c in range(num_classes)}
     counts = {"train": 0, "val": 0}
     items = []
@@ -191,9 +280,9 @@ def _write(root: Path, num_images: int, num_classes: int, image_size: int, seed:
     for i, c, split in items:
         d = root / split / names[c]
         d.mkdir(parents=True, exist_ok=True)
-        render_image(i, c, image_size, seed).save(d / f"{names[c]}_{i:06d}.png")
+        render_image(i, c, image_size, seed, kind).save(d / f"{names[c]}_{i:06d}.png")
         counts[split] += 1
-    meta = _meta(num_images, num_classes, image_size, seed, val_fraction) | {"counts": counts}
+    meta = _meta(num_images, num_classes, image_size, seed, val_fraction, kind) | {"counts": counts}
     with open(root / META_FILE, "w") as f:
         json.dump(meta, f, indent=1)
         f.flush()
@@ -203,35 +292,35 @@ def _write(root: Path, num_images: int, num_classes: int, image_size: int, seed:
 
 def make_dataset(
     root: str | os.PathLike, num_images: int, num_classes: int, *, val_fraction: float = 0.0, image_size: int = 96,
-    seed: int = 0, progress: bool = False,
+    seed: int = 0, kind: str = "textures", progress: bool = False,
 ) -> dict:
-    """Write the dataset into ``root`` (must be absent or empty; re-running with the same arguments on a
-    complete dataset is a no-op). Returns its metadata."""
-    _check_args(num_images, num_classes, image_size, val_fraction)
+    """Write the dataset of ``kind`` into ``root`` (must be absent or empty; re-running with the same
+    arguments on a complete dataset is a no-op). Returns its metadata."""
+    _check_args(num_images, num_classes, image_size, val_fraction, kind)
     root = Path(root)
     meta_path = root / META_FILE
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
-        want = _meta(num_images, num_classes, image_size, seed, val_fraction)
+        want = _meta(num_images, num_classes, image_size, seed, val_fraction, kind)
         if all(old.get(k) == v for k, v in want.items()):
             return old
         raise DataError(f"{root} already holds a generated dataset with other arguments; choose another directory")
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise DataError(f"{root} exists and is not an empty directory; choose a new directory")
     root.mkdir(parents=True, exist_ok=True)
-    return _write(root, num_images, num_classes, image_size, seed, val_fraction, progress)
+    return _write(root, num_images, num_classes, image_size, seed, val_fraction, kind, progress)
 
 
 def ensure_embedded(cache_dir: str | os.PathLike, num_images: int, num_classes: int, image_size: int,
-                    seed: int = 0, progress: bool = False) -> Path:
+                    seed: int = 0, progress: bool = False, kind: str = "textures") -> Path:
     """The embedded dataset's directory under ``cache_dir``, generated on first use.
 
     Generated into a private temporary directory and renamed into place, so concurrent processes (ranks)
     never see a half-written dataset; a loser of the race discards its copy (the content is identical).
     """
-    _check_args(num_images, num_classes, image_size, 0.0)
+    _check_args(num_images, num_classes, image_size, 0.0, kind)
     cache = Path(cache_dir)
-    final = cache / f"embedded-v{FORMAT_VERSION}-n{num_images}-c{num_classes}-s{image_size}-seed{seed}"
+    final = cache / f"embedded-v{FORMAT_VERSION}-{kind}-n{num_images}-c{num_classes}-s{image_size}-seed{seed}"
     if (final / META_FILE).exists():
         return final
     try:
@@ -242,7 +331,7 @@ def ensure_embedded(cache_dir: str | os.PathLike, num_images: int, num_classes: 
     except OSError as exc:
         raise DataError(f"cannot create the embedded dataset under {cache} ({exc}); set data.cache_dir or "
                         "$ESVIT_CACHE to a writable directory") from exc
-    _write(tmp, num_images, num_classes, image_size, seed, 0.0, progress)
+    _write(tmp, num_images, num_classes, image_size, seed, 0.0, kind, progress)
     try:
         os.rename(tmp, final)
     except OSError:

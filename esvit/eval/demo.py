@@ -42,6 +42,7 @@ class DemoPlan:
     num_classes: int
     image_size: int
     val_fraction: float
+    kind: str
     notes: list[str] = field(default_factory=list)
 
 
@@ -75,13 +76,13 @@ def plan_demo(args: argparse.Namespace, out: Path, cuda: bool) -> DemoPlan:
     if args.no_progress:
         pre.append("--no-progress")
     return DemoPlan(path, pre, d["embedded_images"], d["embedded_classes"], d["embedded_image_size"],
-                    args.val_fraction, notes)
+                    args.val_fraction, d["embedded_kind"], notes)
 
 
 def generate_data(plan: DemoPlan, root: Path, progress: bool) -> dict:
     """The demo's labelled train/val dataset (generated once; the same arguments reuse it)."""
     return make_dataset(root, plan.num_images, plan.num_classes, val_fraction=plan.val_fraction,
-                        image_size=plan.image_size, seed=0, progress=progress)
+                        image_size=plan.image_size, seed=0, kind=plan.kind, progress=progress)
 
 
 @torch.no_grad()

@@ -50,7 +50,8 @@ def create_backbone(
     name: str, *, window_size: int = 7, img_size: int = 224, backend: str = "auto",
     drop_path_rate: float | None = None, use_checkpoint: bool = False, **kwargs,
 ) -> nn.Module:
-    """Build a backbone by name: swin_micro | swin_tiny | swin_small | swin_base | deit_small | vit_base | resnet50.
+    """Build a backbone by name: swin_micro | swin_micro_conv | swin_tiny | swin_small | swin_base | deit_small |
+    vit_base | resnet50.
 
     Args:
         window_size: Swin window (7 or 14); ignored by the others.
@@ -64,7 +65,7 @@ def create_backbone(
     """
     if name in SWIN_ARCHS:
         a = SWIN_ARCHS[name]
-        spec = {"embed_dim": a.embed_dim, "depths": a.depths, "num_heads": a.num_heads,
+        spec = {"embed_dim": a.embed_dim, "depths": a.depths, "num_heads": a.num_heads, "stem": a.stem,
                 "drop_path_rate": a.drop_path_rate if drop_path_rate is None else drop_path_rate}
         spec.update(kwargs)
         return SwinTransformer(img_size=img_size, window_size=window_size, backend=backend,

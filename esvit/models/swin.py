@@ -42,11 +42,14 @@ class SwinArch:
     depths: tuple[int, ...]
     num_heads: tuple[int, ...]
     drop_path_rate: float
+    stem: str = "patch"
 
 
 SWIN_ARCHS: dict[str, SwinArch] = {
     # tiny preset for the CPU demo and the tests: 3 stages, ~0.6M parameters, 64-px global / 32-px local crops
     "swin_micro": SwinArch(32, (2, 2, 2), (1, 2, 4), 0.1),
+    # the same with a convolutional stem: learns in the few hundred steps a CPU demo affords (see ConvStem)
+    "swin_micro_conv": SwinArch(32, (2, 2, 2), (1, 2, 4), 0.1, stem="conv"),
     "swin_tiny": SwinArch(96, (2, 2, 6, 2), (3, 6, 12, 24), 0.1),
     "swin_small": SwinArch(96, (2, 2, 18, 2), (3, 6, 12, 24), 0.2),
     "swin_base": SwinArch(128, (2, 2, 18, 2), (4, 8, 16, 32), 0.2),
@@ -71,6 +74,31 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         x = self.proj(x)
+        hw = (x.shape[2], x.shape[3])
+        return self.norm(x.flatten(2).transpose(1, 2)), hw
+
+
+class ConvStem(nn.Module):
+    """Two 3x3 stride-2 convolutions (GroupNorm(1) + GELU) and a 1x1 projection, then LayerNorm: a drop-in
+    for the 4x4 patch embedding (same token grid) with the locality prior of "Early Convolutions Help
+    Transformers See Better" (Xiao et al. 2021). Not in the paper: it is what lets the tiny CPU-demo Swin
+    learn within minutes. GroupNorm (not BatchNorm) keeps every sample independent of its batch."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, norm_eps: float) -> None:
+        super().__init__()
+        if patch_size != 4:
+            raise ValueError(f"the conv stem downsamples by 4 (two stride-2 convolutions), got patch_size {patch_size}")
+        self.patch_size = patch_size
+        mid = max(embed_dim // 2, 1)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, mid, 3, 2, 1), nn.GroupNorm(1, mid), nn.GELU(),
+            nn.Conv2d(mid, embed_dim, 3, 2, 1), nn.GroupNorm(1, embed_dim), nn.GELU(),
+            nn.Conv2d(embed_dim, embed_dim, 1),
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.stem(x)
         hw = (x.shape[2], x.shape[3])
         return self.norm(x.flatten(2).transpose(1, 2)), hw
 
@@ -150,13 +178,14 @@ class SwinTransformer(nn.Module):
         norm_eps: LayerNorm eps (1e-6 as official EsViT; timm's Swin uses 1e-5).
         backend: window-attention backend of :mod:`esvit_kernels` ("auto" | "triton" | "cuda" | "torch").
         use_checkpoint: recompute each block in the backward pass (activation checkpointing).
+        stem: "patch" (the paper's patch x patch convolution) or "conv" (:class:`ConvStem`, patch 4 only).
     """
 
     def __init__(
         self, *, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96,
         depths: tuple[int, ...] = (2, 2, 6, 2), num_heads: tuple[int, ...] = (3, 6, 12, 24), window_size: int = 7,
         mlp_ratio: float = 4.0, drop_path_rate: float = 0.1, norm_eps: float = 1e-6, backend: str = "auto",
-        use_checkpoint: bool = False,
+        use_checkpoint: bool = False, stem: str = "patch",
     ) -> None:
         super().__init__()
         if len(depths) != len(num_heads):
@@ -167,7 +196,9 @@ class SwinTransformer(nn.Module):
         self.depths = tuple(depths)
         self.use_checkpoint = use_checkpoint
         self.num_features = int(embed_dim * 2 ** (len(depths) - 1))
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm_eps)
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
+        self.patch_embed = (PatchEmbed if stem == "patch" else ConvStem)(patch_size, in_chans, embed_dim, norm_eps)
         dpr = drop_path_schedule(drop_path_rate, sum(depths))
         res = img_size // patch_size
         self.stage_windows: list[tuple[int, int]] = []
