@@ -310,10 +310,9 @@ def validate(cfg: dict) -> dict:
     _check(d["local_crops_number"] >= 0, "data.local_crops_number must be >= 0")
     _check(d["num_workers"] >= 0, "data.num_workers must be >= 0")
     _check(d["embedded_kind"] in DATASET_KINDS, f"data.embedded_kind must be one of {', '.join(DATASET_KINDS)}")
-    if d["embedded_kind"] in DATASET_KINDS:
-        top = max_classes(d["embedded_kind"])
-        _check(1 <= d["embedded_classes"] <= top,
-               f"data.embedded_classes must be in [1, {top}] for the {d['embedded_kind']} dataset")
+    top = max_classes(d["embedded_kind"])
+    _check(1 <= d["embedded_classes"] <= top,
+           f"data.embedded_classes must be in [1, {top}] for the {d['embedded_kind']} dataset")
     _check(d["embedded_images"] >= d["embedded_classes"], "data.embedded_images must be >= data.embedded_classes")
     _check(d["embedded_image_size"] >= 16, "data.embedded_image_size must be >= 16")
     _check(o["epochs"] >= 1, f"optim.epochs must be >= 1, got {o['epochs']}")
