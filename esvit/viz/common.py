@@ -6,9 +6,8 @@ import argparse
 import os
 
 import torch
-from PIL import Image
 
-from ..errors import DataError
+from ..data.datasets import load_rgb
 from ..eval.model import EvalModel, add_model_arguments, model_from_args
 from ..eval.transforms import eval_transform
 
@@ -16,15 +15,9 @@ __all__ = ["add_picture_arguments", "load_image", "model_and_image"]
 
 
 def load_image(path: str | os.PathLike, crop: int) -> torch.Tensor:
-    """An image file through the eval transform: (1, 3, crop, crop), normalised."""
-    try:
-        with open(path, "rb") as f:
-            img = Image.open(f).convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"no such image: {path}") from None
-    except Exception as exc:  # PIL raises many types for bad files
-        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
-    return eval_transform(crop)(img)[None]
+    """An image file (:func:`esvit.data.datasets.load_rgb`) through the eval transform: (1, 3, crop, crop),
+    normalised."""
+    return eval_transform(crop)(load_rgb(path))[None]
 
 
 def add_picture_arguments(p: argparse.ArgumentParser, panel: int) -> None:
