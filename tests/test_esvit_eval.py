@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +196,31 @@ def test_load_eval_model_errors(tmp_path, tiny_ckpt):
         load_eval_model()
 
 
+def test_load_eval_model_refuses_unusable_checkpoints(tmp_path, tiny_ckpt):
+    """A checkpoint without config / with an unknown arch used to raise KeyError / ValueError tracebacks, and
+    NaN weights evaluated at chance without a word."""
+    broken = helpers.broken_checkpoints(tmp_path, tiny_ckpt)
+    for name, path in broken.items():
+        with pytest.raises(CheckpointError, match=helpers.BROKEN_MESSAGES[name]):
+            load_eval_model(path)
+    # the random-init baseline of a diverged run only needs its config; the student may still be finite
+    assert load_eval_model(broken["nan_teacher"], random_init=True).arch == "swin_micro"
+    assert load_eval_model(broken["nan_teacher"], which="student").arch == "swin_micro"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"window_size": 0}, "window size must be an integer >= 1, got 0"),
+    ({"crop_size": 0}, "crop size must be an integer >= 1, got 0"),
+    ({"crop_size": 2}, r"a 2-px crop is smaller than one patch of swin_micro \(4 px\)"),
+    ({"arch": "deit_small", "patch_size": 0}, "patch size must be an integer >= 1, got 0"),
+    ({"arch": "deit_small", "crop_size": 8}, "smaller than one patch of deit_small"),
+])
+def test_random_init_refuses_unbuildable_models(kwargs, message):
+    kwargs = {"arch": "swin_micro", "window_size": 4, "crop_size": 32} | kwargs
+    with pytest.raises(ConfigError, match=message):
+        load_eval_model(random_init=True, **kwargs)
+
+
 def create_other_arch_ckpt(tmp_path: Path) -> Path:
     """A checkpoint whose config says swin_micro but whose weights are a ViT's."""
     from esvit.models import create_backbone
@@ -250,19 +276,22 @@ def test_cli_eval_linear_end_to_end(tmp_path, tiny_ckpt, tiny_data, capsys):
     ("other", "do not fit a swin_micro backbone"),
     ("empty_val", "no images"),
     ("no_model", "pass --checkpoint"),
+    *helpers.BROKEN_MESSAGES.items(),
 ])
 def test_cli_eval_bad_inputs_give_clear_errors(tmp_path, tiny_ckpt, tiny_data, capsys, case, message):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     model = {"missing": ["--checkpoint", str(tmp_path / "nope.pth")],
              "arch": ["--checkpoint", str(tiny_ckpt), "--arch", "resnet50"],
              "other": ["--checkpoint", str(create_other_arch_ckpt(tmp_path))],
-             "empty_val": ["--checkpoint", str(tiny_ckpt)], "no_model": []}[case]
+             "empty_val": ["--checkpoint", str(tiny_ckpt)], "no_model": [],
+             **{name: ["--checkpoint", str(path)] for name, path in
+                helpers.broken_checkpoints(tmp_path, tiny_ckpt).items()}}[case]
     val = tmp_path / "empty" if case == "empty_val" else tiny_data
     for cmd in ("eval-knn", "eval-linear"):
         rc = main([cmd, *model, "--train-data", str(tiny_data), "--val-data", str(val), "--num-workers", "0",
                    "--no-progress"])
         err = capsys.readouterr().err
-        assert rc == 2 and f"esvit {cmd}: error:" in err and message in err and "Traceback" not in err
+        assert rc == 2 and re.search(f"esvit {cmd}: error: .*{message}", err) and err.count("\n") == 1, err
 
 
 def test_torchrun_two_processes_shard_features_like_one(tmp_path, tiny_ckpt, tiny_data):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from PIL import Image
@@ -183,11 +185,14 @@ def test_cli_viz_bad_inputs(tmp_path, tiny_ckpt, capsys):
     cases = [(["--checkpoint", str(tiny_ckpt), "--image", str(tmp_path / "none.png")], "no such image"),
              (["--checkpoint", str(tiny_ckpt), "--image", str(bad)], "cannot read image"),
              (["--checkpoint", str(tmp_path / "none.pth"), "--image", str(img)], "no such checkpoint")]
+    broken = helpers.broken_checkpoints(tmp_path, tiny_ckpt)
+    cases += [(["--checkpoint", str(broken[name]), "--image", str(img)], message)
+              for name, message in helpers.BROKEN_MESSAGES.items()]
     for cmd in ("viz-correspondence", "viz-attention"):
         for args, message in cases:
             assert main([cmd, *args, "--output", str(tmp_path / "o.png")]) == 2
             err = capsys.readouterr().err
-            assert message in err and "Traceback" not in err
+            assert re.search(f"esvit {cmd}: error: .*{message}", err) and err.count("\n") == 1, err
     resnet = ["--random-init", "--arch", "resnet50", "--crop-size", "32", "--image", str(img)]
     assert main(["viz-attention", *resnet, "--output", str(tmp_path / "o.png")]) == 2
     assert "no attention" in capsys.readouterr().err
