@@ -176,3 +176,17 @@ def test_python_dash_m_esvit(tmp_path):
     assert len(list((tmp_path / "d" / "train").rglob("*.png"))) == 4
     assert render_image(0, 0, 16).size == (16, 16)
     assert sys.executable == PYTHON
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--num-workers", "-1"], "esvit demo: error: --num-workers must be >= 0"),
+    (["--epochs", "0"], "esvit demo: error: .*--epochs >= 1"),
+    (["--device", "gpu"], "argument --device: must be auto, cpu, cuda or cuda:N"),
+])
+def test_demo_checks_its_arguments_before_any_work(tmp_path, capsys, extra, message):
+    try:
+        rc = main(["demo", "--output", str(tmp_path / "demo"), "--no-progress", *extra])
+    except SystemExit as exc:  # argparse's usage errors
+        rc = exc.code
+    assert rc == 2 and re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "demo").exists()

@@ -197,3 +197,27 @@ def test_cli_viz_bad_inputs(tmp_path, tiny_ckpt, capsys):
     assert main(["viz-attention", *resnet, "--output", str(tmp_path / "o.png")]) == 2
     assert "no attention" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_cli_viz_output_directory_is_created_or_refused_before_any_work(tmp_path, tiny_ckpt, capsys, monkeypatch):
+    """--output in a missing directory was a FileNotFoundError traceback after the model had run."""
+    img = tmp_path / "img.png"
+    render_image(1, 1, 32).save(img)
+    args = ["--checkpoint", str(tiny_ckpt), "--image", str(img), "--panel-size", "64"]
+    out = tmp_path / "new" / "deeper" / "corr.png"
+    assert main(["viz-correspondence", *args, "--output", str(out)]) == 0
+    assert png_size(out) == (2 * 64 + 4, 64 + 48)
+    capsys.readouterr()
+
+    import esvit.viz.common as common
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was loaded before --output was checked")
+
+    monkeypatch.setattr(common, "model_from_args", no_work)
+    (tmp_path / "afile").write_text("x")
+    for cmd in ("viz-correspondence", "viz-attention"):
+        for output, message in ((tmp_path, "is a directory"), (tmp_path / "afile" / "o.png", "afile is a file")):
+            assert main([cmd, *args, "--output", str(output)]) == 2
+            err = capsys.readouterr().err
+            assert re.search(f"esvit {cmd}: error: .*--output .*{message}", err) and err.count("\n") == 1, err

@@ -24,7 +24,7 @@ from ..models import (
     min_crop_size,
 )
 
-__all__ = ["EvalModel", "add_model_arguments", "load_eval_model", "model_from_args", "token_grid"]
+__all__ = ["EvalModel", "add_model_arguments", "device_name", "load_eval_model", "model_from_args", "token_grid"]
 
 
 @dataclass
@@ -176,7 +176,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of --random-init (and of random augmentations)")
     g.add_argument("--backend", choices=("auto", "triton", "cuda", "torch"), default="auto",
                    help="window-attention backend (default auto: fused on a GPU, eager reference on the CPU)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def device_name(value: str) -> str:
+    """argparse type of ``--device``: a usage error for anything but auto, cpu, cuda or cuda:N."""
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {value!r}")
 
 
 def model_from_args(args: argparse.Namespace, device: torch.device) -> EvalModel:
