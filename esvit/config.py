@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,9 +168,12 @@ def _coerce(name: str, value: Any, f: Field) -> Any:
         if isinstance(value, bool):
             raise bad("a number")
         try:
-            return float(value)
+            x = float(value)
         except (TypeError, ValueError):
             raise bad("a number") from None
+        if not math.isfinite(x):  # no field means anything at inf / nan (inf >= 0 would pass the range checks)
+            raise bad("a finite number")
+        return x
     if t == "str":
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -179,10 +183,13 @@ def _coerce(name: str, value: Any, f: Field) -> Any:
             value = [v for v in value.replace("[", " ").replace("]", " ").replace(",", " ").split() if v]
         if isinstance(value, (list, tuple)) and len(value) == 2:
             try:
-                return [float(value[0]), float(value[1])]
+                pair = [float(value[0]), float(value[1])]
             except (TypeError, ValueError):
                 pass
-        raise bad("a pair of numbers like [0.4, 1.0]")
+            else:
+                if all(map(math.isfinite, pair)):
+                    return pair
+        raise bad("a pair of finite numbers like [0.4, 1.0]")
     raise AssertionError(t)
 
 

@@ -46,3 +46,30 @@ def tiny_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "ds"
     make_dataset(root, 48, 4, val_fraction=0.25, image_size=48, seed=0)
     return root
+
+
+def broken_checkpoints(root: Path, good: Path) -> dict[str, Path]:
+    """Variants of the checkpoint ``good`` that evaluation must refuse: no stored config, an unknown stored
+    arch, a config without its model section, NaN teacher weights."""
+    state = torch.load(good, weights_only=True)
+    cfg = state["config"]
+    variants = {
+        "no_config": {k: v for k, v in state.items() if k != "config"},
+        "unknown_arch": state | {"config": cfg | {"model": cfg["model"] | {"arch": "swin_huge"}}},
+        "no_model_section": state | {"config": {"data": cfg["data"]}},
+        "nan_teacher": state | {"teacher": {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                                            for k, v in state["teacher"].items()}},
+    }
+    paths = {}
+    for name, s in variants.items():
+        paths[name] = root / f"{name}.pth"
+        torch.save(s, paths[name])
+    return paths
+
+
+BROKEN_MESSAGES = {
+    "no_config": "has no stored config",
+    "unknown_arch": "unknown architecture 'swin_huge'",
+    "no_model_section": "has no stored config",
+    "nan_teacher": "teacher weights in .* are not finite",
+}

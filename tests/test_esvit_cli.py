@@ -72,6 +72,8 @@ def _bad_folders(root: Path) -> dict[str, Path]:
     ("mixed", ["optim.lrr=1"], r"unknown config key optim\.lrr \(did you mean optim\.lr\?\)"),
     ("mixed", ["optimizer.lr=1"], "unknown config section 'optimizer'"),
     ("mixed", ["optim.lr=fast"], "optim.lr must be a number"),
+    ("mixed", ["optim.lr=inf"], "optim.lr must be a finite number, got .inf"),
+    ("mixed", ["loss.teacher_temp=.inf"], "loss.teacher_temp must be a finite number, got inf"),
     ("mixed", ["--arch", "deit_small", "data.local_crop_size=8"],
      r"data.local_crop_size = 8 px is smaller than one patch of deit_small \(16 px\)"),
     ("mixed", ["data.global_crop_size=2"], "smaller than one patch of swin_micro"),
@@ -99,6 +101,20 @@ def test_unknown_key_in_yaml_and_base_include(tmp_path, cache, capsys):
     (tmp_path / "child.yaml").write_text("base: base.yaml\nmodel:\n  window_size: 14\n")
     cfg = load_config(tmp_path / "child.yaml", ["optim.lr=1e-3"])
     assert (cfg["optim"]["epochs"], cfg["model"]["window_size"], cfg["optim"]["lr"]) == (3, 14, 1e-3)
+
+
+def test_config_refuses_non_finite_numbers():
+    """inf passed the range checks (inf >= 0, inf > 0) of lr and the temperatures; nan of none."""
+    from esvit.config import ConfigError, load_config, validate
+
+    floats = [f"{s}.{k}" for s, fields in SCHEMA.items() for k, f in fields.items() if f.type.endswith("float")]
+    assert {"optim.lr", "loss.student_temp", "loss.teacher_temp", "loss.warmup_teacher_temp"} <= set(floats)
+    for key in floats:
+        for value in ("inf", "-inf", "nan", ".inf", ".nan"):
+            with pytest.raises(ConfigError, match=f"{key} must be a finite number"):
+                validate(load_config(None, [f"{key}={value}"]))
+    with pytest.raises(ConfigError, match="data.global_crops_scale must be a pair of finite numbers"):
+        load_config(None, ["data.global_crops_scale=[0.4, nan]"])
 
 
 def test_every_preset_validates():
@@ -160,3 +176,17 @@ def test_python_dash_m_esvit(tmp_path):
     assert len(list((tmp_path / "d" / "train").rglob("*.png"))) == 4
     assert render_image(0, 0, 16).size == (16, 16)
     assert sys.executable == PYTHON
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--num-workers", "-1"], "esvit demo: error: --num-workers must be >= 0"),
+    (["--epochs", "0"], "esvit demo: error: .*--epochs >= 1"),
+    (["--device", "gpu"], "argument --device: must be auto, cpu, cuda or cuda:N"),
+])
+def test_demo_checks_its_arguments_before_any_work(tmp_path, capsys, extra, message):
+    try:
+        rc = main(["demo", "--output", str(tmp_path / "demo"), "--no-progress", *extra])
+    except SystemExit as exc:  # argparse's usage errors
+        rc = exc.code
+    assert rc == 2 and re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "demo").exists()

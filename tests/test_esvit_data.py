@@ -172,3 +172,102 @@ def test_ensure_embedded_once(tmp_path):
     assert (a / "esvit_dataset.json").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [a.name]  # no temp directory left
     assert len(scan_image_folder(a)[0]) == 20
+
+
+# --------------------------------------------------------------------------- image modes -> 8-bit RGB
+
+GRADIENT16 = np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)  # every 16-bit level band, 0 .. 65520
+
+
+def _mode_cases(d: Path) -> dict[str, tuple[Path, np.ndarray]]:
+    """image files of many PIL modes and the 8-bit RGB each must become."""
+    from PIL import Image
+
+    g8 = (GRADIENT16 >> 8).astype(np.uint8)
+    grey = np.repeat(g8[..., None], 3, axis=2)
+    cases = {}
+
+    def add(name: str, img: Image.Image, expected: np.ndarray, ext: str = "png") -> None:
+        path = d / f"{name}.{ext}"
+        img.save(path)
+        cases[name] = (path, expected)
+
+    add("I;16 png", Image.fromarray(GRADIENT16), grey)
+    add("I;16B tiff", Image.frombytes("I;16B", (64, 64), GRADIENT16.astype(">u2").tobytes()), grey, "tif")
+    add("I;16 tiff", Image.fromarray(GRADIENT16), grey, "tif")
+    add("I 16-bit pgm", Image.fromarray(GRADIENT16), grey, "pgm")
+    add("I 32-bit tiff", Image.fromarray(GRADIENT16.astype(np.int32) << 15, "I"), grey, "tif")  # signed: 31 bits
+    add("L", Image.fromarray(g8), grey)
+    bits = (g8 >= 128)
+    add("1", Image.fromarray(g8).point(lambda v: 255 if v >= 128 else 0).convert("1"),
+        np.repeat((bits * 255).astype(np.uint8)[..., None], 3, axis=2))
+    palette = [0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * (256 * 3 - 12)
+    idx = (np.arange(64 * 64).reshape(64, 64) % 4).astype(np.uint8)
+    p = Image.fromarray(idx, "P")
+    p.putpalette(palette)
+    add("P", p, np.array(palette[:12], dtype=np.uint8).reshape(4, 3)[idx])
+    add("LA", Image.fromarray(np.stack([g8, 255 - g8], -1), "LA"), grey)
+    add("RGBA", Image.fromarray(np.concatenate([grey, g8[..., None]], -1), "RGBA"), grey)
+    add("CMYK", Image.fromarray(np.stack([255 - g8, 255 - g8, 255 - g8, 0 * g8], -1), "CMYK"), grey, "tif")
+    return cases
+
+
+def test_every_image_mode_becomes_the_right_8bit_rgb(tmp_path):
+    """16- and 32-bit greyscale used to come out white (convert("RGB") clips at 255); now value >> (bits - 8)."""
+    from esvit.data.datasets import load_rgb
+
+    for name, (path, expected) in _mode_cases(tmp_path).items():
+        img = load_rgb(path)
+        assert img.mode == "RGB", name
+        np.testing.assert_array_equal(np.asarray(img), expected, err_msg=name)
+
+
+def test_images_without_a_defined_8bit_rendering_are_refused(tmp_path):
+    from PIL import Image
+
+    from esvit.data.datasets import load_rgb
+
+    Image.fromarray(GRADIENT16.astype(np.float32) / 65535, "F").save(tmp_path / "f.tif")
+    with pytest.raises(DataError, match=r"cannot read image .*f\.tif: 32-bit floating-point .* 8- or 16-bit"):
+        load_rgb(tmp_path / "f.tif")
+    Image.fromarray(GRADIENT16.astype(np.int32) - 3, "I").save(tmp_path / "neg.tif")
+    with pytest.raises(DataError, match=r"neg\.tif: greyscale pixels .* \[-3, .*outside"):
+        load_rgb(tmp_path / "neg.tif")
+    with pytest.raises(DataError, match="no such image"):
+        load_rgb(tmp_path / "missing.png")
+
+
+def test_pretraining_evaluation_and_pictures_read_16bit_images_right(tmp_path):
+    """The same picture as a 16-bit and as an 8-bit PNG gives the same tensors everywhere images are read."""
+    from PIL import Image
+
+    from esvit.eval.data import EvalImageFolder
+    from esvit.eval.transforms import eval_transform
+    from esvit.viz.common import load_image
+
+    for depth, arr in (("16", GRADIENT16), ("8", (GRADIENT16 >> 8).astype(np.uint8))):
+        (tmp_path / depth / "cls").mkdir(parents=True)
+        Image.fromarray(arr).save(tmp_path / depth / "cls" / "img.png")
+    aug = MultiCropAugmentation(32, 16, local_number=1)
+    a, b = (ImageDataset(tmp_path / d, aug)[0]["crops"] for d in ("16", "8"))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    a, b = (EvalImageFolder(tmp_path / d, eval_transform(32))[0]["image"] for d in ("16", "8"))
+    assert torch.equal(a, b) and a.std() > 0.5  # a gradient, not a white page
+    a, b = (load_image(tmp_path / d / "cls" / "img.png", 32) for d in ("16", "8"))
+    assert torch.equal(a, b)
+
+
+def test_a_refused_image_is_a_clear_error_in_every_reader(tmp_path):
+    from PIL import Image
+
+    from esvit.eval.data import EvalImageFolder
+    from esvit.eval.transforms import eval_transform
+    from esvit.viz.common import load_image
+
+    (tmp_path / "cls").mkdir()
+    path = tmp_path / "cls" / "f.tif"
+    Image.fromarray(np.ones((8, 8), np.float32), "F").save(path)
+    assert "floating-point" in ImageDataset(tmp_path, MultiCropAugmentation(32, 16, local_number=1))[0]["error"]
+    assert "floating-point" in EvalImageFolder(tmp_path, eval_transform(32))[0]["error"]
+    with pytest.raises(DataError, match="floating-point"):
+        load_image(path, 32)

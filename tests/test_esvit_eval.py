@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,28 @@ def test_knn_caps_k_at_the_bank_and_rejects_bad_input():
         knn_classify(xt, yt, xt[:, :3], yt, ks=[5])
 
 
+def test_knn_refuses_non_finite_temperature_and_features():
+    xt, yt = clusters(30, 3)
+    for T in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            knn_classify(xt, yt, xt, yt, ks=[5], T=T)
+    bad = xt.clone()
+    bad[4, 2] = float("nan")
+    with pytest.raises(CheckpointError, match="1 of 30 training features are not finite"):
+        knn_classify(bad, yt, xt, yt, ks=[5])
+    with pytest.raises(CheckpointError, match="1 of 30 test features are not finite"):
+        knn_classify(xt, yt, bad, yt, ks=[5])
+
+
+def test_knn_small_temperature_does_not_overflow():
+    """exp(cos / T) overflowed to inf for T = 1e-4: the classes of several neighbours tied at inf and the lowest
+    class index won (17.5%, chance). As T -> 0 the nearest neighbour's vote dominates: k=20 must equal k=1."""
+    xt, yt = clusters(300, 6, spread=2.0)
+    xv, yv = clusters(120, 6, seed=1, spread=2.0)
+    one, twenty = knn_classify(xt, yt, xv, yv, ks=[1, 20], T=1e-4, num_classes=6)
+    assert twenty["top1"] == one["top1"] == 42.5
+
+
 # -------------------------------------------------------------------------------------------- linear probe
 
 
@@ -118,7 +141,39 @@ def test_linear_probe_random_labels_is_chance():
     assert all(abs(r["final_top1"] - 25.0) < 6.0 for r in res["per_lr"])
 
 
+def test_linear_probe_reports_a_diverged_rate_and_refuses_when_all_diverge():
+    """An lr that blows the weights to inf/NaN scored chance without a word (and could be reported as best)."""
+    xt, yt = clusters(200, 4)
+    xv, yv = clusters(80, 4, seed=1)
+    xt, xv = 10 * xt, 10 * xv  # features of norm ~10: lr 1e38 overflows float32 in the first epoch
+    res = train_linear_probe(xt, yt, xv, yv, 4, epochs=3, lrs=[0.1, 1e38], batch_size=64)
+    ok, blown = res["per_lr"]
+    assert ok["diverged_epoch"] is None and blown["diverged_epoch"] == 1
+    assert res["lr"] == 0.1 and res["top1"] == 100.0
+    with pytest.raises(ConfigError, match=r"diverged .* at every learning rate \(1e\+38 in epoch 1\)"):
+        train_linear_probe(xt, yt, xv, yv, 4, epochs=2, lrs=[1e38], batch_size=64)
+    for lr in (float("inf"), float("nan"), 0.0):
+        with pytest.raises(ValueError, match="finite number > 0"):
+            train_linear_probe(xt, yt, xv, yv, 4, epochs=1, lrs=[lr])
+    bad = xt.clone()
+    bad[0, 0] = float("inf")
+    with pytest.raises(CheckpointError, match="1 of 200 training features are not finite"):
+        train_linear_probe(bad, yt, xv, yv, 4, epochs=1)
+
+
 # ---------------------------------------------------------------------------------------------- features
+
+
+def test_extract_features_refuses_non_finite_features():
+    from esvit.eval import extract_features
+
+    x = torch.randn(6, 3)
+    x[4] = float("nan")
+    loader = [{"image": x[i:i + 2], "label": torch.zeros(2, dtype=torch.long), "index": torch.arange(i, i + 2)}
+              for i in range(0, 6, 2)]
+    assert extract_features(lambda t: t, loader[:2], "cpu", 4)[0].shape == (4, 3)
+    with pytest.raises(CheckpointError, match="1 of 6 val features are not finite"):
+        extract_features(lambda t: t, loader, "cpu", 6, desc="val features")
 
 
 def test_gather_in_order_single_process():
@@ -195,6 +250,31 @@ def test_load_eval_model_errors(tmp_path, tiny_ckpt):
         load_eval_model()
 
 
+def test_load_eval_model_refuses_unusable_checkpoints(tmp_path, tiny_ckpt):
+    """A checkpoint without config / with an unknown arch used to raise KeyError / ValueError tracebacks, and
+    NaN weights evaluated at chance without a word."""
+    broken = helpers.broken_checkpoints(tmp_path, tiny_ckpt)
+    for name, path in broken.items():
+        with pytest.raises(CheckpointError, match=helpers.BROKEN_MESSAGES[name]):
+            load_eval_model(path)
+    # the random-init baseline of a diverged run only needs its config; the student may still be finite
+    assert load_eval_model(broken["nan_teacher"], random_init=True).arch == "swin_micro"
+    assert load_eval_model(broken["nan_teacher"], which="student").arch == "swin_micro"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"window_size": 0}, "window size must be an integer >= 1, got 0"),
+    ({"crop_size": 0}, "crop size must be an integer >= 1, got 0"),
+    ({"crop_size": 2}, r"a 2-px crop is smaller than one patch of swin_micro \(4 px\)"),
+    ({"arch": "deit_small", "patch_size": 0}, "patch size must be an integer >= 1, got 0"),
+    ({"arch": "deit_small", "crop_size": 8}, "smaller than one patch of deit_small"),
+])
+def test_random_init_refuses_unbuildable_models(kwargs, message):
+    kwargs = {"arch": "swin_micro", "window_size": 4, "crop_size": 32} | kwargs
+    with pytest.raises(ConfigError, match=message):
+        load_eval_model(random_init=True, **kwargs)
+
+
 def create_other_arch_ckpt(tmp_path: Path) -> Path:
     """A checkpoint whose config says swin_micro but whose weights are a ViT's."""
     from esvit.models import create_backbone
@@ -250,19 +330,74 @@ def test_cli_eval_linear_end_to_end(tmp_path, tiny_ckpt, tiny_data, capsys):
     ("other", "do not fit a swin_micro backbone"),
     ("empty_val", "no images"),
     ("no_model", "pass --checkpoint"),
+    *helpers.BROKEN_MESSAGES.items(),
 ])
 def test_cli_eval_bad_inputs_give_clear_errors(tmp_path, tiny_ckpt, tiny_data, capsys, case, message):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     model = {"missing": ["--checkpoint", str(tmp_path / "nope.pth")],
              "arch": ["--checkpoint", str(tiny_ckpt), "--arch", "resnet50"],
              "other": ["--checkpoint", str(create_other_arch_ckpt(tmp_path))],
-             "empty_val": ["--checkpoint", str(tiny_ckpt)], "no_model": []}[case]
+             "empty_val": ["--checkpoint", str(tiny_ckpt)], "no_model": [],
+             **{name: ["--checkpoint", str(path)] for name, path in
+                helpers.broken_checkpoints(tmp_path, tiny_ckpt).items()}}[case]
     val = tmp_path / "empty" if case == "empty_val" else tiny_data
     for cmd in ("eval-knn", "eval-linear"):
         rc = main([cmd, *model, "--train-data", str(tiny_data), "--val-data", str(val), "--num-workers", "0",
                    "--no-progress"])
         err = capsys.readouterr().err
-        assert rc == 2 and f"esvit {cmd}: error:" in err and message in err and "Traceback" not in err
+        assert rc == 2 and re.search(f"esvit {cmd}: error: .*{message}", err) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("cmd,extra,message", [
+    ("eval-knn", ["--batch-size", "0"], "--batch-size must be >= 1"),
+    ("eval-knn", ["--num-workers", "-1"], "--num-workers >= 0"),
+    ("eval-knn", ["--temperature", "nan"], "--temperature must be a finite number > 0, got nan"),
+    ("eval-knn", ["--temperature", "inf"], "--temperature must be a finite number > 0, got inf"),
+    ("eval-knn", ["--json", "{tmp}"], "--json .* is a directory"),
+    ("eval-knn", ["--json", "{file}/knn.json"], "cannot write --json .*: .*afile is a file, not a directory"),
+    ("eval-knn", ["--save-features", "{file}/f.pt"], "cannot write --save-features .*afile is a file"),
+    ("eval-linear", ["--batch-size", "0"], "--batch-size must be >= 1"),
+    ("eval-linear", ["--num-workers", "-1"], "--num-workers >= 0"),
+    ("eval-linear", ["--lr", "0.1", "inf"], "every --lr must be a finite number > 0, got 0.1 inf"),
+    ("eval-linear", ["--lr", "nan"], "every --lr must be a finite number > 0"),
+    ("eval-linear", ["--n-last-blocks", "0"], "--n-last-blocks must be >= 1"),
+    ("eval-linear", ["--json", "{file}/x/lin.json"], "cannot write --json .*afile is a file"),
+])
+def test_cli_eval_argument_errors_come_before_any_work(tmp_path, tiny_ckpt, tiny_data, capsys, monkeypatch, cmd,
+                                                       extra, message):
+    """Tracebacks before (ValueError from the DataLoader), chance accuracy from a NaN temperature / inf lr, or
+    an error only after the features were computed (--json, --save-features)."""
+    import esvit.eval.runner as runner
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the backbone was built before the arguments were checked")
+
+    monkeypatch.setattr(runner, "model_from_args", no_work)
+    (tmp_path / "afile").write_text("x")
+    extra = [e.format(tmp=tmp_path, file=tmp_path / "afile") for e in extra]
+    rc = main([cmd, "--checkpoint", str(tiny_ckpt), "--train-data", str(tiny_data), "--val-data", str(tiny_data),
+               "--no-progress", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(f"esvit {cmd}: error: .*{message}", err) and err.count("\n") == 1, err
+
+
+def test_cli_eval_linear_diverged_rate_is_reported(tmp_path, tiny_ckpt, tiny_data, capsys):
+    args = ["eval-linear", "--checkpoint", str(tiny_ckpt), "--train-data", str(tiny_data), "--val-data",
+            str(tiny_data), "--epochs", "2", "--num-workers", "0", "--no-progress"]
+    out = tmp_path / "new" / "dir" / "lin.json"  # missing directories are created
+    assert main([*args, "--lr", "0.1", "3e38", "--json", str(out)]) == 0
+    assert re.search(r"3e\+38 +diverged in epoch \d \(non-finite weights; not ranked\)", capsys.readouterr().out)
+    res = json.loads(out.read_text())
+    assert res["lr"] == 0.1 and [r["diverged_epoch"] is None for r in res["per_lr"]] == [True, False]
+    assert main([*args, "--lr", "3e38"]) == 2
+    err = capsys.readouterr().err
+    assert "esvit eval-linear: error: the linear probe diverged" in err and err.count("\n") == 1
+
+
+def test_device_must_be_a_device(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["eval-knn", "--train-data", "a", "--val-data", "b", "--device", "gpu"])
+    assert exc.value.code == 2 and "argument --device: must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
 
 
 def test_torchrun_two_processes_shard_features_like_one(tmp_path, tiny_ckpt, tiny_data):

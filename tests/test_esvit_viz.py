@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from PIL import Image
@@ -183,12 +185,39 @@ def test_cli_viz_bad_inputs(tmp_path, tiny_ckpt, capsys):
     cases = [(["--checkpoint", str(tiny_ckpt), "--image", str(tmp_path / "none.png")], "no such image"),
              (["--checkpoint", str(tiny_ckpt), "--image", str(bad)], "cannot read image"),
              (["--checkpoint", str(tmp_path / "none.pth"), "--image", str(img)], "no such checkpoint")]
+    broken = helpers.broken_checkpoints(tmp_path, tiny_ckpt)
+    cases += [(["--checkpoint", str(broken[name]), "--image", str(img)], message)
+              for name, message in helpers.BROKEN_MESSAGES.items()]
     for cmd in ("viz-correspondence", "viz-attention"):
         for args, message in cases:
             assert main([cmd, *args, "--output", str(tmp_path / "o.png")]) == 2
             err = capsys.readouterr().err
-            assert message in err and "Traceback" not in err
+            assert re.search(f"esvit {cmd}: error: .*{message}", err) and err.count("\n") == 1, err
     resnet = ["--random-init", "--arch", "resnet50", "--crop-size", "32", "--image", str(img)]
     assert main(["viz-attention", *resnet, "--output", str(tmp_path / "o.png")]) == 2
     assert "no attention" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_cli_viz_output_directory_is_created_or_refused_before_any_work(tmp_path, tiny_ckpt, capsys, monkeypatch):
+    """--output in a missing directory was a FileNotFoundError traceback after the model had run."""
+    img = tmp_path / "img.png"
+    render_image(1, 1, 32).save(img)
+    args = ["--checkpoint", str(tiny_ckpt), "--image", str(img), "--panel-size", "64"]
+    out = tmp_path / "new" / "deeper" / "corr.png"
+    assert main(["viz-correspondence", *args, "--output", str(out)]) == 0
+    assert png_size(out) == (2 * 64 + 4, 64 + 48)
+    capsys.readouterr()
+
+    import esvit.viz.common as common
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was loaded before --output was checked")
+
+    monkeypatch.setattr(common, "model_from_args", no_work)
+    (tmp_path / "afile").write_text("x")
+    for cmd in ("viz-correspondence", "viz-attention"):
+        for output, message in ((tmp_path, "is a directory"), (tmp_path / "afile" / "o.png", "afile is a file")):
+            assert main([cmd, *args, "--output", str(output)]) == 2
+            err = capsys.readouterr().err
+            assert re.search(f"esvit {cmd}: error: .*--output .*{message}", err) and err.count("\n") == 1, err

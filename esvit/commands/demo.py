@@ -20,13 +20,15 @@ Example:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..eval.model import device_name
+
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--output", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--fresh", action="store_true", help="discard OUTPUT/pretrain first (pretrain from scratch)")
     p.add_argument("--config", metavar="YAML", help="pretraining preset (default: configs/demo_cpu.yaml, or "
                                                     "configs/demo_gpu.yaml when a GPU is present)")
     p.add_argument("--epochs", type=int, help="pretraining epochs (default: the preset's)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--backend", choices=("auto", "triton", "cuda", "torch"), default="auto",
                    help="kernel backend of pretraining and evaluation (default auto)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of the images held out (default 0.2)")
@@ -45,5 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.val_fraction < 1 or args.probe_epochs < 1:
         raise ConfigError("--val-fraction must be in (0, 1) and --probe-epochs >= 1")
+    if args.num_workers < 0 or (args.epochs is not None and args.epochs < 1):
+        raise ConfigError("--num-workers must be >= 0 and --epochs >= 1")
     run_demo(args)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 HELP = "k-NN evaluation of a pretrained (or randomly initialised) backbone"
@@ -43,10 +44,12 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.knn import format_knn_table, knn_classify
     from ..eval.runner import evaluation_setup, features_of, write_json
 
-    if min(args.k) < 1 or args.temperature <= 0 or args.chunk_size < 1:
-        raise ConfigError("--k values and --chunk-size must be >= 1 and --temperature > 0")
+    if min(args.k) < 1 or args.chunk_size < 1:
+        raise ConfigError("--k values and --chunk-size must be >= 1")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ConfigError(f"--temperature must be a finite number > 0, got {args.temperature}")
     tic = time.perf_counter()
-    env, model, train, val = evaluation_setup(args)
+    env, model, train, val = evaluation_setup(args, {"--json": args.json, "--save-features": args.save_features})
     try:
         fn = view_features(model.backbone)
         train_f, train_y = features_of(fn, train, env, args, "train features")

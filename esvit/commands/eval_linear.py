@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 HELP = "linear-probe evaluation of a pretrained (or randomly initialised) backbone"
@@ -38,10 +39,12 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.linear import train_linear_probe
     from ..eval.runner import evaluation_setup, features_of, write_json
 
-    if args.epochs < 1 or args.probe_batch_size < 1 or min(args.lr) <= 0:
-        raise ConfigError("--epochs and --probe-batch-size must be >= 1 and every --lr > 0")
+    if args.epochs < 1 or args.probe_batch_size < 1 or args.n_last_blocks < 1:
+        raise ConfigError("--epochs, --probe-batch-size and --n-last-blocks must be >= 1")
+    if not all(math.isfinite(lr) and lr > 0 for lr in args.lr):
+        raise ConfigError(f"every --lr must be a finite number > 0, got {' '.join(map(str, args.lr))}")
     tic = time.perf_counter()
-    env, model, train, val = evaluation_setup(args)
+    env, model, train, val = evaluation_setup(args, {"--json": args.json})
     try:
         fn = linear_features(model.backbone, args.n_last_blocks)
         train_f, train_y = features_of(fn, train, env, args, "train features")
@@ -60,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
           f"{len(train)} train / {len(val)} val images, {len(train.classes)} classes, {args.epochs} epochs)")
     print(f"{'lr':>8} {'best top-1':>11} {'(epoch)':>8} {'top-5':>8} {'final top-1':>12}")
     for r in res["per_lr"]:
+        if r["diverged_epoch"]:
+            print(f"{r['lr']:>8g}   diverged in epoch {r['diverged_epoch']} (non-finite weights; not ranked): use a "
+                  "smaller --lr")
+            continue
         print(f"{r['lr']:>8g} {r['best_top1']:>10.2f}% {r['best_epoch']:>8d} {r['best_top5']:>7.2f}% "
               f"{r['final_top1']:>11.2f}%")
     print(f"best: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  (lr {res['lr']:g}, epoch {res['epoch']})")

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
@@ -21,9 +22,66 @@ from torch.utils.data import Dataset, Sampler
 from ..errors import DataError
 from .synthetic import META_FILE
 
-__all__ = ["IMG_EXTENSIONS", "Batch", "GlobalBatchSampler", "ImageDataset", "collate_crops", "scan_image_folder"]
+__all__ = ["IMG_EXTENSIONS", "Batch", "GlobalBatchSampler", "ImageDataset", "collate_crops", "load_rgb",
+           "scan_image_folder", "to_rgb"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _bit_depth(img: Image.Image) -> int:
+    """Value bits of a high-bit-depth greyscale image: a TIFF's BitsPerSample (e.g. 12 or 32; one less when its
+    SampleFormat is signed), else 16 (PNG and PGM/PPM store at most 16; Pillow scales a PGM's maxval to 16 bits)."""
+    tags = getattr(img, "tag_v2", {})
+
+    def first(tag: int) -> int | None:
+        v = tags.get(tag)
+        return int(v[0] if isinstance(v, tuple) else v) if v else None
+
+    bits = first(258) or 16  # BitsPerSample
+    return bits - 1 if first(339) == 2 else bits  # SampleFormat 2: signed integers
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB. ``convert("RGB")`` clips 16- and 32-bit greyscale (modes I;16*, I) at 255, which
+    turns them white, so those are scaled by their bit depth (value >> (bits - 8)); floating-point images (F)
+    have no defined range and are refused, as are negative or out-of-depth values. Every other mode (1, L, P,
+    LA, PA, RGBA, CMYK, YCbCr, ...) goes through PIL's own conversion. Raises DataError."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "F":
+        raise DataError("32-bit floating-point pixels (PIL mode F) have no defined range; save the image as 8- or "
+                        "16-bit")
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        a = np.asarray(img).astype(np.int64)
+        bits = _bit_depth(img)
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo < 0 or hi >> bits:
+            raise DataError(f"greyscale pixels (PIL mode {img.mode}) range over [{lo}, {hi}], outside the "
+                            f"[0, {(1 << bits) - 1}] of their bit depth; save the image as 8- or 16-bit unsigned")
+        a = a >> (bits - 8) if bits >= 8 else a << (8 - bits)
+        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError as exc:  # e.g. premultiplied La
+        raise DataError(f"cannot convert PIL mode {img.mode} to RGB ({exc})") from None
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """The image file at ``path`` as 8-bit RGB (:func:`to_rgb`) -- the one loader of pretraining, evaluation
+    and the pictures. Raises DataError naming the file when it is missing, undecodable or of a refused mode."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()  # decode now: the file closes on return
+        return to_rgb(img)
+    except FileNotFoundError:
+        raise DataError(f"no such image: {path}") from None
+    except Image.UnidentifiedImageError:
+        raise DataError(f"cannot read image {path}: not a valid image file (corrupt or unknown format)") from None
+    except DataError as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from None
+    except Exception as exc:  # PIL raises many types for truncated / broken files
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
 
 
 def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
@@ -90,14 +148,9 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         path, label = self.samples[index]
         try:
-            with open(path, "rb") as f:
-                img = Image.open(f)
-                img = img.convert("RGB")
-        except Image.UnidentifiedImageError:
-            return {"error": f"cannot read image {path}: not a valid image file (corrupt or unknown format)",
-                    "index": index}
-        except Exception as exc:  # PIL raises many types for truncated / broken files
-            return {"error": f"cannot read image {path}: {type(exc).__name__}: {exc}", "index": index}
+            img = load_rgb(path)
+        except DataError as exc:
+            return {"error": str(exc), "index": index}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.sample_seed(index))
             crops = self.transform(img)

@@ -13,10 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data.datasets import scan_image_folder
+from ..data.datasets import load_rgb, scan_image_folder
 from ..data.synthetic import META_FILE
 from ..errors import DataError
 
@@ -67,10 +66,9 @@ class EvalImageFolder(Dataset):
     def __getitem__(self, index: int) -> dict:
         path, label = self.samples[index]
         try:
-            with open(path, "rb") as f:
-                img = Image.open(f).convert("RGB")
-        except Exception as exc:  # PIL raises many types for bad files
-            return {"error": f"cannot read image {path}: {type(exc).__name__}: {exc}"}
+            img = load_rgb(path)
+        except DataError as exc:
+            return {"error": str(exc)}
         return {"image": self.transform(img), "label": label, "index": index}
 
 

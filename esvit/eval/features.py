@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-__all__ = ["extract_features", "gather_in_order", "linear_features", "view_features"]
+__all__ = ["extract_features", "gather_in_order", "linear_features", "require_finite", "view_features"]
 
 
 def view_features(backbone: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -51,7 +51,20 @@ def extract_features(
         f, y, i = torch.cat(feats), torch.cat(labels), torch.cat(indices)
     else:  # an empty shard (more ranks than samples): the feature width is learnt from the gather
         f, y, i = torch.empty(0, 0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-    return gather_in_order(f, y, i, num_samples, device)
+    f, y = gather_in_order(f, y, i, num_samples, device)
+    require_finite(f, desc)  # every rank holds the gathered matrix, so every rank stops alike
+    return f, y
+
+
+def require_finite(feats: torch.Tensor, what: str = "features") -> None:
+    """Raise a CheckpointError when rows of ``feats`` hold NaN/inf: they would classify at chance without a
+    word (the weights were checked when loaded, so the backbone overflows on these inputs)."""
+    from ..errors import CheckpointError
+
+    bad = int((~torch.isfinite(feats)).any(dim=1).sum()) if feats.numel() else 0
+    if bad:
+        raise CheckpointError(f"{bad} of {feats.shape[0]} {what} are not finite (NaN/inf): the backbone overflows on "
+                              "these images; evaluate another checkpoint (or in fp32)")
 
 
 def _all_gather_padded(t: torch.Tensor, device: torch.device) -> list[torch.Tensor]:

@@ -8,8 +8,12 @@ one block of (test_chunk x train_chunk) at a time with a running top-k merge, so
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from .features import require_finite
 
 __all__ = ["format_knn_table", "knn_classify", "topk_neighbours"]
 
@@ -47,10 +51,12 @@ def knn_classify(
         raise ValueError("there are no test samples")
     if train_feats.shape[1] != test_feats.shape[1]:
         raise ValueError(f"feature widths differ: train {train_feats.shape[1]}, test {test_feats.shape[1]}")
-    if T <= 0:
-        raise ValueError(f"the temperature must be > 0, got {T}")
+    if not (math.isfinite(T) and T > 0):
+        raise ValueError(f"the temperature must be a finite number > 0, got {T}")
     if not ks or min(ks) < 1:
         raise ValueError(f"every k must be >= 1, got {list(ks)}")
+    for name, f in (("training", train_feats), ("test", test_feats)):
+        require_finite(f, f"{name} features")
     num_classes = int(num_classes if num_classes is not None else
                       max(int(train_labels.max()), int(test_labels.max())) + 1)
     bank = F.normalize(train_feats.float(), dim=1)
@@ -62,7 +68,8 @@ def knn_classify(
         q, y = test[start:start + chunk_size], test_labels[start:start + chunk_size].to(bank.device)
         sims, idx = topk_neighbours(q, bank, kmax, train_chunk_size)
         neigh_labels = train_labels[idx]  # (b, kmax)
-        weights = (sims / T).exp()
+        # exp((cos - max cos) / T): the same ranking as exp(cos / T), which overflows to inf for a small T
+        weights = ((sims - sims[:, :1]) / T).exp()
         for k in ks:
             kk = min(k, kmax)
             votes = torch.zeros(q.shape[0], num_classes, device=bank.device)

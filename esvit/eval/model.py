@@ -12,11 +12,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import load_backbone, load_checkpoint
+from ..checkpoint import load_checkpoint
 from ..errors import CheckpointError, ConfigError
-from ..models import ARCHS, VIT_ARCHS, ResNetBackbone, SwinTransformer, VisionTransformer, create_backbone
+from ..models import (
+    ARCHS,
+    VIT_ARCHS,
+    ResNetBackbone,
+    SwinTransformer,
+    VisionTransformer,
+    create_backbone,
+    min_crop_size,
+)
 
-__all__ = ["EvalModel", "add_model_arguments", "load_eval_model", "model_from_args", "token_grid"]
+__all__ = ["EvalModel", "add_model_arguments", "device_name", "load_eval_model", "model_from_args", "token_grid"]
 
 
 @dataclass
@@ -58,35 +66,90 @@ def load_eval_model(
     device = torch.device(device)
     if checkpoint is not None:
         path = Path(checkpoint)
-        if random_init:
-            cfg = load_checkpoint(path)["config"]
-            if arch is not None and cfg["model"]["arch"] != arch:
-                raise CheckpointError(f"{path} holds a {cfg['model']['arch']} backbone, not {arch}")
-            m = cfg["model"]
-            model = _fresh(m["arch"], m["window_size"], cfg["data"]["global_crop_size"], m["patch_size"], backend,
-                           seed)
-            source = f"random init (seed {seed}) of the {m['arch']} of {path}"
-        else:
-            model, cfg = load_backbone(path, which=which, backend=backend, expect_arch=arch)
-            source = f"{which} of {path}"
-        arch_name, crop = cfg["model"]["arch"], int(cfg["data"]["global_crop_size"])
+        state = load_checkpoint(path)
+        cfg = state.get("config")
+        m, crop = _stored_spec(cfg, path)
+        if arch is not None and m["arch"] != arch:
+            raise CheckpointError(f"{path} holds a {m['arch']} backbone, not {arch}")
         if crop_size is not None and crop_size != crop:
             raise ConfigError(f"{path} was trained with {crop}-px global crops; drop --crop-size (it is taken "
                               "from the checkpoint)")
+        model = _fresh(m["arch"], m["window_size"], crop, m["patch_size"], backend, seed)
+        if random_init:
+            source = f"random init (seed {seed}) of the {m['arch']} of {path}"
+        else:
+            _load_weights(model, state, which, path, m["arch"])
+            source = f"{which} of {path}"
+        arch_name = m["arch"]
     else:
         if not random_init:
             raise ConfigError("pass --checkpoint CKPT, or --random-init with --arch for an untrained baseline")
         if arch is None:
             raise ConfigError(f"--random-init without --checkpoint needs --arch ({', '.join(ARCHS)})")
-        if arch not in ARCHS:
-            raise ConfigError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
-        crop = 224 if crop_size is None else int(crop_size)
+        crop = 224 if crop_size is None else crop_size
+        problem = _spec_problem(arch, window_size, crop, patch_size)
+        if problem:
+            raise ConfigError(f"cannot build the --random-init backbone: {problem}; check --arch, --window-size, "
+                              "--crop-size and --patch-size")
         model = _fresh(arch, window_size, crop, patch_size, backend, seed)
         arch_name, cfg, source = arch, None, f"random init (seed {seed})"
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return EvalModel(model, arch_name, crop, source, _attention_backend(model, backend, device), cfg)
+
+
+def _spec_problem(arch: object, window_size: object, crop: object, patch_size: object) -> str | None:
+    """What makes (arch, window, crop, patch) unbuildable, or None."""
+    if not isinstance(arch, str) or arch not in ARCHS:
+        return f"unknown architecture {arch!r} (known: {', '.join(ARCHS)})"
+    for name, v in (("window size", window_size), ("crop size", crop), ("patch size", patch_size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            return f"the {name} must be an integer >= 1, got {v!r}"
+    smallest = min_crop_size(arch, patch_size)
+    if crop < smallest:
+        return f"a {crop}-px crop is smaller than one patch of {arch} ({smallest} px)"
+    return None
+
+
+def _stored_spec(cfg: object, path: Path) -> tuple[dict, int]:
+    """(model section, global crop size) of a checkpoint's stored config, checked to build a backbone."""
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    data = cfg.get("data") if isinstance(cfg, dict) else None
+    if not isinstance(model, dict) or not isinstance(data, dict):
+        raise CheckpointError(f"{path} has no stored config (model / data sections), so its backbone cannot be "
+                              "rebuilt; evaluate a checkpoint written by `esvit pretrain`")
+    m = {k: model.get(k) for k in ("arch", "window_size", "patch_size")}
+    crop = data.get("global_crop_size")
+    problem = _spec_problem(m["arch"], m["window_size"], crop, m["patch_size"])
+    if problem:
+        raise CheckpointError(f"{path}: the stored config cannot be rebuilt: {problem}; was it written by another "
+                              "version of esvit?")
+    return m, crop
+
+
+def _load_weights(model: nn.Module, state: dict, which: str, path: Path, arch: str) -> None:
+    """Load the checkpoint's ``which`` backbone into ``model``; refuse weights that do not fit or are not
+    finite (a NaN checkpoint would evaluate at chance without a word)."""
+    weights = state.get(which)
+    if not isinstance(weights, dict):
+        other = "student" if which == "teacher" else "teacher"
+        raise CheckpointError(f"{path} has no {which} weights; try --which {other}")
+    sd = {k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")}
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    reshaped = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if missing or unexpected or reshaped:  # one line, not torch's list of every key
+        raise CheckpointError(f"the {which} weights in {path} do not fit a {arch} backbone ({len(missing)} missing, "
+                              f"{len(unexpected)} unexpected, {len(reshaped)} of another shape, e.g. "
+                              f"{(missing + unexpected + reshaped)[0]}): its weights and stored config disagree")
+    model.load_state_dict(sd, strict=True)
+    bad = [k for k, v in sd.items() if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"the {which} weights in {path} are not finite ({len(bad)} of {len(sd)} tensors hold "
+                              f"NaN/inf, e.g. {bad[0]}): training diverged before this checkpoint was saved; "
+                              "evaluate an earlier one (checkpointNNNN.pth)")
 
 
 def _fresh(arch: str, window_size: int, crop: int, patch_size: int, backend: str, seed: int) -> nn.Module:
@@ -113,7 +176,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of --random-init (and of random augmentations)")
     g.add_argument("--backend", choices=("auto", "triton", "cuda", "torch"), default="auto",
                    help="window-attention backend (default auto: fused on a GPU, eager reference on the CPU)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def device_name(value: str) -> str:
+    """argparse type of ``--device``: a usage error for anything but auto, cpu, cuda or cuda:N."""
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {value!r}")
 
 
 def model_from_args(args: argparse.Namespace, device: torch.device) -> EvalModel:

@@ -5,18 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..distributed import DistEnv, cleanup, init_distributed
+from ..errors import ConfigError
 from .data import EvalImageFolder, eval_loader, split_pair
 from .features import extract_features
 from .model import EvalModel, add_model_arguments, model_from_args
 from .transforms import eval_transform
 
-__all__ = ["add_data_arguments", "evaluation_setup", "features_of", "write_json"]
+__all__ = ["add_data_arguments", "evaluation_setup", "features_of", "prepare_output", "write_json"]
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,8 +35,18 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
 
 
-def evaluation_setup(args: argparse.Namespace) -> tuple[DistEnv, EvalModel, EvalImageFolder, EvalImageFolder]:
-    """Process group (under torchrun), the frozen backbone, and the two datasets at the model's crop size."""
+def evaluation_setup(args: argparse.Namespace, outputs: dict[str, str | None] | None = None
+                     ) -> tuple[DistEnv, EvalModel, EvalImageFolder, EvalImageFolder]:
+    """Process group (under torchrun), the frozen backbone, and the two datasets at the model's crop size.
+
+    First, before anything is computed: the loader options are checked, and every ``outputs`` path (option ->
+    path or None) is checked to be writable, so a bad ``--json`` fails now rather than after the features."""
+    if args.batch_size < 1 or args.num_workers < 0:
+        raise ConfigError(f"--batch-size must be >= 1 and --num-workers >= 0, got {args.batch_size} and "
+                          f"{args.num_workers}")
+    for option, path in (outputs or {}).items():
+        if path:
+            prepare_output(path, option)
     env = init_distributed(args.device)
     try:
         model = model_from_args(args, env.device)
@@ -58,3 +70,24 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def prepare_output(path: str | os.PathLike, option: str) -> None:
+    """Create the missing parent directories of output file ``path`` and check that it can be written, so
+    that a bad path fails at once (ConfigError naming ``option``), not after minutes of computing."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{option} {p} is a directory; give a file path")
+    for parent in p.parents:  # the nearest existing ancestor must be a directory
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"cannot write {option} {p}: {parent} is a file, not a directory")
+            break
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p.parent, prefix=f".{p.name}.", suffix=".probe"):
+            pass
+        if p.exists() and not os.access(p, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {option} {p}: {exc.strerror or exc}; choose a writable path") from None
