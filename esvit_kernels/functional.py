@@ -165,6 +165,8 @@ def shifted_window_attention(
             qkv, num_heads, ws, ss, bias_table, scale, pad_qkv, roll_before_pad
         )
     _check_unit_stride(qkv, "qkv", name)
+    if pad_qkv is not None and not pad_qkv.is_contiguous():  # the kernels read it as a dense vector
+        pad_qkv = pad_qkv.contiguous()  # differentiable: the gradient flows back to the strided view
     fn = _window_ops.get("shifted_window_attention", name)
     return fn(qkv, num_heads, ws, ss, bias_table, scale, pad_qkv, bool(roll_before_pad))
 

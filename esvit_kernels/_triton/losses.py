@@ -21,12 +21,12 @@ ever reaches memory. Conventions shared by the kernels:
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from . import aot
 from .aot import launch
 
 __all__ = [
@@ -325,11 +325,6 @@ def _device(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-@functools.lru_cache(maxsize=8)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
     p = max(lo, triton.next_power_of_2(max(int(n), 1)))
     return min(p, hi) if hi is not None else p
@@ -383,7 +378,8 @@ def teacher_stats(
     block_r = _pow2(r, 1, _STATS_BLOCK_R)
     nkb = triton.cdiv(k, block_k)
     # enough (row group, column block) programs to fill the GPU; few under the interpreter
-    target = 4 * _sm_count(teacher.device.index or 0) if teacher.is_cuda else STATS_PROGRAMS_CPU
+    sms = aot.sm_count(teacher.device)
+    target = 4 * sms if sms else STATS_PROGRAMS_CPU
     groups = max(1, min(triton.cdiv(r, block_r), triton.cdiv(target, nkb)))
     rows_per_group = triton.cdiv(triton.cdiv(r, groups), block_r) * block_r
     groups = triton.cdiv(r, rows_per_group)
@@ -500,10 +496,12 @@ def dino_ce_backward(
     return grad
 
 
-def representative_launches() -> dict:
+def aot_cases() -> dict:
     """Small-batch calls of every launcher path at EsViT's real K (65536: multi-block streaming and the
     second backward pass) and at a K that fits one block (the gradient written in the forward), keyed by
-    a label; each takes a dtype. Used by :mod:`.aot` to compile every kernel variant for a GPU."""
+    a label. Used by :mod:`.aot` to compile every kernel variant for a GPU (block sizes depend on K and the
+    token counts, not on the batch)."""
+    from .aot import AotCase
 
     def region(k):
         def run(dtype):
@@ -526,5 +524,5 @@ def representative_launches() -> dict:
             dino_ce_backward(torch.ones(()), student, teacher, lse2, center, slse, 0.1, 0.04, 1.0)
         return run
 
-    return {"region_k65536": region(65536), "region_k4096": region(4096), "dino_k65536": dino(65536),
-            "dino_k1000": dino(1000)}
+    return {"region_k65536": AotCase(region(65536), 1), "region_k4096": AotCase(region(4096), 1),
+            "dino_k65536": AotCase(dino(65536), 2), "dino_k1000": AotCase(dino(1000), 2)}

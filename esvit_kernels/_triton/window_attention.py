@@ -31,6 +31,7 @@ return garbage there); compiled GPU code keeps bf16 dots.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreting
+from . import aot
 from .aot import launch
 
 __all__ = ["swa_forward", "swa_backward", "wa_forward", "wa_backward", "tile_config"]
@@ -167,43 +169,62 @@ def _fwd_kernel(
     NW_TOT, n_win, n_ww, H, W, HP, WP, C, tiles_per_prog,
     s_b, s_h, s_y, s_x, o_sb, o_sy, o_sx, bias_st, bias_sh, m_sw, m_si, n_mask_win, scale,
     HEADS: tl.constexpr, N: tl.constexpr, G: tl.constexpr, TILE: tl.constexpr, BM: tl.constexpr,
-    HD: tl.constexpr, HD_PAD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
-    SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, DOT_F32: tl.constexpr, IS_F32: tl.constexpr,
-    PRE_BIAS: tl.constexpr,
+    BK: tl.constexpr, HD: tl.constexpr, HD_PAD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+    SH: tl.constexpr, SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, DOT_F32: tl.constexpr,
+    IS_F32: tl.constexpr, PRE_BIAS: tl.constexpr,
 ):
-    """Attention of one query block of a chunk of tiles for one head; writes out and the row lse."""
+    """Attention of one query block of a chunk of tiles for one head; writes out and the row lse.
+
+    BK == TILE: all keys of the tile in one block (one softmax pass). BK < TILE (large windows, wide heads):
+    the keys are walked in TILE // BK chunks with an online softmax, so K/V chunks, not the whole tile, sit
+    in shared memory and registers."""
+    tl.static_assert(BK == TILE or (BK * 4 == TILE and not PRE_BIAS))
     chunk = tl.program_id(0)
     h = tl.program_id(1)
     tq = tl.program_id(2) * BM + tl.arange(0, BM)
-    tk = tl.arange(0, TILE)
+    tk = tl.arange(0, BK)
     d = tl.arange(0, HD_PAD)
     hoff = h * s_h
     if PRE_BIAS:  # small tiles: the bias block stays in registers across the tile loop
         bias_pre = _bias_block(h, tq, tk, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, False)
     for it in range(0, tiles_per_prog):
         tile = chunk * tiles_per_prog + it
-        if PRE_BIAS:
-            bias_blk = bias_pre
-        else:
-            bias_blk = _bias_block(h, tq, tk, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, False)
         qw, qn, qvalid, qin, qoff, qoo, qlab = _rows(
             tile, tq, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
             G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
-        kw, kn, kvalid, kin, koff, _, klab = _rows(
-            tile, tk, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
-            G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
         q = _load_tok(q_ptr + hoff, qoff, d, qin, qvalid & ~qin, pad_ptr + h * HD, HD, HAS_PAD)
-        k = _load_tok(k_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + C + h * HD, HD, HAS_PAD)
-        v = _load_tok(v_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + 2 * C + h * HD, HD, HAS_PAD)
-        same = (qw[:, None] == kw[None, :]) & qvalid[:, None] & kvalid[None, :]
         m_r = (qw % n_mask_win).to(tl.int64) * m_sw + qn * m_si
-        s = _scores(q, k, bias_blk, same, qlab, klab, mask_ptr, m_r, kn, scale, SH, SW, LAYOUT, HAS_MASK,
-                    DOT_F32, IS_F32)
-        m = tl.max(s, 1)
-        p = tl.exp2((s - m[:, None]) * LOG2E)
-        l = tl.sum(p, 1)
-        o = _dot(p.to(v.dtype), v, DOT_F32, IS_F32) / l[:, None]
+        m = tl.full((BM,), NEG, tl.float32)
+        l = tl.zeros((BM,), tl.float32)
+        acc = tl.zeros((BM, HD_PAD), tl.float32)
+        for kc in range(0, TILE // BK):
+            tkc = kc * BK + tk
+            if PRE_BIAS:
+                bias_blk = bias_pre
+            else:
+                bias_blk = _bias_block(h, tq, tkc, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, False)
+            kw, kn, kvalid, kin, koff, _, klab = _rows(
+                tile, tkc, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
+                G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
+            k = _load_tok(k_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + C + h * HD, HD, HAS_PAD)
+            v = _load_tok(v_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + 2 * C + h * HD, HD, HAS_PAD)
+            same = (qw[:, None] == kw[None, :]) & qvalid[:, None] & kvalid[None, :]
+            s = _scores(q, k, bias_blk, same, qlab, klab, mask_ptr, m_r, kn, scale, SH, SW, LAYOUT, HAS_MASK,
+                        DOT_F32, IS_F32)
+            if BK == TILE:  # one pass: no rescaling
+                m = tl.max(s, 1)
+                p = tl.exp2((s - m[:, None]) * LOG2E)
+                l = tl.sum(p, 1)
+                acc = _dot(p.to(v.dtype), v, DOT_F32, IS_F32)
+            else:
+                m_new = tl.maximum(m, tl.max(s, 1))
+                alpha = tl.exp2((m - m_new) * LOG2E)
+                p = tl.exp2((s - m_new[:, None]) * LOG2E)
+                l = l * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32, IS_F32)
+                m = m_new
+        o = acc / l[:, None]
         tl.store(out_ptr + h * HD + qoo[:, None] + d[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=qin[:, None] & (d < HD)[None, :])
         tl.store(lse_ptr + (qw.to(tl.int64) * HEADS + h) * N + qn, m + tl.log(l), mask=qvalid)
@@ -292,60 +313,79 @@ def _bwd_dq_kernel(
     NW_TOT, n_win, n_ww, H, W, HP, WP, C, tiles_per_prog,
     s_b, s_h, s_y, s_x, o_sb, o_sy, o_sx, bias_st, bias_sh, m_sw, m_si, n_mask_win, scale,
     HEADS: tl.constexpr, N: tl.constexpr, G: tl.constexpr, TILE: tl.constexpr, BM: tl.constexpr,
-    HD: tl.constexpr, HD_PAD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
-    SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, NEED_DBIAS: tl.constexpr, DOT_F32: tl.constexpr,
-    IS_F32: tl.constexpr, PRE_BIAS: tl.constexpr,
+    BK: tl.constexpr, HD: tl.constexpr, HD_PAD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+    SH: tl.constexpr, SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, NEED_DBIAS: tl.constexpr,
+    DOT_F32: tl.constexpr, IS_F32: tl.constexpr, PRE_BIAS: tl.constexpr,
 ):
     """Split backward, part 1: dQ of one query block against all keys of the tile; stores delta =
-    rowsum(dO * O) for part 2 and sums dS over the chunk for dbias."""
+    rowsum(dO * O) for part 2 and sums dS over the chunk for dbias.
+
+    BK == TILE: all keys in one block. BK == TILE // 4: the keys are walked in 4 chunks; the dS sums of
+    the 4 key chunks live in 4 accumulators that rotate by one slot per chunk, so after each tile every
+    chunk's sum is back in its own slot (registers cannot be indexed by a loop counter)."""
+    tl.static_assert(BK == TILE or (BK * 4 == TILE and not PRE_BIAS))
     chunk = tl.program_id(0)
     h = tl.program_id(1)
     tq = tl.program_id(2) * BM + tl.arange(0, BM)
-    tk = tl.arange(0, TILE)
+    tk = tl.arange(0, BK)
     d = tl.arange(0, HD_PAD)
     dmask = (d < HD)[None, :]
     hoff = h * s_h
     if PRE_BIAS:  # small tiles: the bias block stays in registers across the tile loop
         bias_pre = _bias_block(h, tq, tk, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, False)
-    acc_ds = tl.zeros((BM, TILE), dtype=tl.float32)
+    acc0 = tl.zeros((BM, BK), dtype=tl.float32)
+    acc1 = tl.zeros((BM, BK), dtype=tl.float32)
+    acc2 = tl.zeros((BM, BK), dtype=tl.float32)
+    acc3 = tl.zeros((BM, BK), dtype=tl.float32)
     for it in range(0, tiles_per_prog):
         tile = chunk * tiles_per_prog + it
-        if PRE_BIAS:
-            bias_blk = bias_pre
-        else:
-            bias_blk = _bias_block(h, tq, tk, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, False)
         qw, qn, qvalid, qin, qoff, qoo, qlab = _rows(
             tile, tq, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
             G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
-        kw, kn, kvalid, kin, koff, _, klab = _rows(
-            tile, tk, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
-            G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
         q = _load_tok(q_ptr + hoff, qoff, d, qin, qvalid & ~qin, pad_ptr + h * HD, HD, HAS_PAD)
-        k = _load_tok(k_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + C + h * HD, HD, HAS_PAD)
-        v = _load_tok(v_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + 2 * C + h * HD, HD, HAS_PAD)
         omask = qin[:, None] & dmask
         do = tl.load(dout_ptr + h * HD + qoo[:, None] + d[None, :], mask=omask, other=0.0)
         o = tl.load(out_ptr + h * HD + qoo[:, None] + d[None, :], mask=omask, other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         lse_off = (qw.to(tl.int64) * HEADS + h) * N + qn
         lse = tl.load(lse_ptr + lse_off, mask=qvalid, other=0.0)
-        same = (qw[:, None] == kw[None, :]) & qvalid[:, None] & kvalid[None, :]
         m_r = (qw % n_mask_win).to(tl.int64) * m_sw + qn * m_si
-        s = _scores(q, k, bias_blk, same, qlab, klab, mask_ptr, m_r, kn, scale, SH, SW, LAYOUT, HAS_MASK,
-                    DOT_F32, IS_F32)
-        p = tl.exp2((s - lse[:, None]) * LOG2E)
-        dp = _dot(do, tl.trans(v), DOT_F32, IS_F32)
-        ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(k.dtype), k, DOT_F32, IS_F32) * scale
+        dq = tl.zeros((BM, HD_PAD), dtype=tl.float32)
+        for kc in range(0, TILE // BK):
+            tkc = kc * BK + tk
+            if PRE_BIAS:
+                bias_blk = bias_pre
+            else:
+                bias_blk = _bias_block(h, tq, tkc, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, False)
+            kw, kn, kvalid, kin, koff, _, klab = _rows(
+                tile, tkc, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
+                G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
+            k = _load_tok(k_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + C + h * HD, HD, HAS_PAD)
+            v = _load_tok(v_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + 2 * C + h * HD, HD, HAS_PAD)
+            same = (qw[:, None] == kw[None, :]) & qvalid[:, None] & kvalid[None, :]
+            s = _scores(q, k, bias_blk, same, qlab, klab, mask_ptr, m_r, kn, scale, SH, SW, LAYOUT, HAS_MASK,
+                        DOT_F32, IS_F32)
+            p = tl.exp2((s - lse[:, None]) * LOG2E)
+            dp = _dot(do, tl.trans(v), DOT_F32, IS_F32)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, DOT_F32, IS_F32)
+            if NEED_DBIAS:
+                if BK == TILE:
+                    acc0 += ds
+                else:  # rotate: the slot of chunk kc is acc0 now, and acc3 after the shift
+                    acc0, acc1, acc2, acc3 = acc1, acc2, acc3, acc0 + ds
         g = qoo if LAYOUT == 0 else qoff
-        tl.store(dq_ptr + h * HD + g[:, None] + d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=omask)
+        tl.store(dq_ptr + h * HD + g[:, None] + d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=omask)
         tl.store(delta_ptr + lse_off, delta, mask=qvalid)
-        if NEED_DBIAS:
-            acc_ds += ds
     if NEED_DBIAS:
         prog = chunk * HEADS + h
-        tl.store(dbias_part_ptr + (prog.to(tl.int64) * TILE + tq[:, None]) * TILE + tk[None, :], acc_ds)
+        base = dbias_part_ptr + (prog.to(tl.int64) * TILE + tq[:, None]) * TILE + tk[None, :]
+        tl.store(base, acc0)
+        if BK < TILE:
+            tl.store(base + BK, acc1)
+            tl.store(base + 2 * BK, acc2)
+            tl.store(base + 3 * BK, acc3)
 
 
 @triton.jit
@@ -355,17 +395,19 @@ def _bwd_dkv_kernel(
     NW_TOT, n_win, n_ww, H, W, HP, WP, C, tiles_per_prog,
     s_b, s_h, s_y, s_x, o_sb, o_sy, o_sx, bias_st, bias_sh, m_sw, m_si, n_mask_win, scale,
     HEADS: tl.constexpr, N: tl.constexpr, G: tl.constexpr, TILE: tl.constexpr, BN: tl.constexpr,
-    HD: tl.constexpr, HD_PAD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
-    SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, NEED_DPAD: tl.constexpr, DOT_F32: tl.constexpr,
-    IS_F32: tl.constexpr, PRE_BIAS: tl.constexpr,
+    BQ: tl.constexpr, HD: tl.constexpr, HD_PAD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+    SH: tl.constexpr, SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, NEED_DPAD: tl.constexpr,
+    DOT_F32: tl.constexpr, IS_F32: tl.constexpr, PRE_BIAS: tl.constexpr,
 ):
-    """Split backward, part 2: dK, dV of one key block against all queries of the tile (transposed)."""
+    """Split backward, part 2: dK, dV of one key block against all queries of the tile (transposed),
+    the queries walked in TILE // BQ chunks (one chunk when BQ == TILE)."""
+    tl.static_assert(BQ == TILE or (BQ * 4 == TILE and not PRE_BIAS))
     chunk = tl.program_id(0)
     h = tl.program_id(1)
     kb = tl.program_id(2)
     tk = kb * BN + tl.arange(0, BN)
-    tq = tl.arange(0, TILE)
+    tq = tl.arange(0, BQ)
     d = tl.arange(0, HD_PAD)
     dmask = (d < HD)[None, :]
     hoff = h * s_h
@@ -375,33 +417,38 @@ def _bwd_dkv_kernel(
     pad_dv = tl.zeros((HD_PAD,), dtype=tl.float32)
     for it in range(0, tiles_per_prog):
         tile = chunk * tiles_per_prog + it
-        if PRE_BIAS:
-            bias_t = bias_pre
-        else:
-            bias_t = _bias_block(h, tk, tq, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, True)
-        qw, qn, qvalid, qin, qoff, qoo, qlab = _rows(
-            tile, tq, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
-            G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
         kw, kn, kvalid, kin, koff, koo, klab = _rows(
             tile, tk, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
             G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
-        q = _load_tok(q_ptr + hoff, qoff, d, qin, qvalid & ~qin, pad_ptr + h * HD, HD, HAS_PAD)
         kpad = kvalid & ~kin
         k = _load_tok(k_ptr + hoff, koff, d, kin, kpad, pad_ptr + C + h * HD, HD, HAS_PAD)
         v = _load_tok(v_ptr + hoff, koff, d, kin, kpad, pad_ptr + 2 * C + h * HD, HD, HAS_PAD)
-        do = tl.load(dout_ptr + h * HD + qoo[:, None] + d[None, :], mask=qin[:, None] & dmask, other=0.0)
-        lse_off = (qw.to(tl.int64) * HEADS + h) * N + qn
-        lse = tl.load(lse_ptr + lse_off, mask=qvalid, other=0.0)
-        delta = tl.load(delta_ptr + lse_off, mask=qvalid, other=0.0)
-        same = (kw[:, None] == qw[None, :]) & kvalid[:, None] & qvalid[None, :]
-        m_c = (qw % n_mask_win).to(tl.int64) * m_sw + qn * m_si
-        st = _scores(k, q, bias_t, same, klab, qlab, mask_ptr, kn, m_c, scale, SH, SW, LAYOUT, HAS_MASK,
-                     DOT_F32, IS_F32)
-        pt = tl.exp2((st - lse[None, :]) * LOG2E)
-        dv = _dot(pt.to(do.dtype), do, DOT_F32, IS_F32)
-        dpt = _dot(v, tl.trans(do), DOT_F32, IS_F32)
-        dst = pt * (dpt - delta[None, :])
-        dk = _dot(dst.to(q.dtype), q, DOT_F32, IS_F32) * scale
+        dk = tl.zeros((BN, HD_PAD), dtype=tl.float32)
+        dv = tl.zeros((BN, HD_PAD), dtype=tl.float32)
+        for qc in range(0, TILE // BQ):
+            tqc = qc * BQ + tq
+            if PRE_BIAS:
+                bias_t = bias_pre
+            else:
+                bias_t = _bias_block(h, tk, tqc, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, True)
+            qw, qn, qvalid, qin, qoff, qoo, qlab = _rows(
+                tile, tqc, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
+                G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
+            q = _load_tok(q_ptr + hoff, qoff, d, qin, qvalid & ~qin, pad_ptr + h * HD, HD, HAS_PAD)
+            do = tl.load(dout_ptr + h * HD + qoo[:, None] + d[None, :], mask=qin[:, None] & dmask, other=0.0)
+            lse_off = (qw.to(tl.int64) * HEADS + h) * N + qn
+            lse = tl.load(lse_ptr + lse_off, mask=qvalid, other=0.0)
+            delta = tl.load(delta_ptr + lse_off, mask=qvalid, other=0.0)
+            same = (kw[:, None] == qw[None, :]) & kvalid[:, None] & qvalid[None, :]
+            m_c = (qw % n_mask_win).to(tl.int64) * m_sw + qn * m_si
+            st = _scores(k, q, bias_t, same, klab, qlab, mask_ptr, kn, m_c, scale, SH, SW, LAYOUT, HAS_MASK,
+                         DOT_F32, IS_F32)
+            pt = tl.exp2((st - lse[None, :]) * LOG2E)
+            dv += _dot(pt.to(do.dtype), do, DOT_F32, IS_F32)
+            dpt = _dot(v, tl.trans(do), DOT_F32, IS_F32)
+            dst = pt * (dpt - delta[None, :])
+            dk += _dot(dst.to(q.dtype), q, DOT_F32, IS_F32)
+        dk = dk * scale
         g = koo if LAYOUT == 0 else koff
         kmask = kin[:, None] & dmask
         tl.store(dk_ptr + h * HD + g[:, None] + d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kmask)
@@ -426,42 +473,67 @@ def _next_pow2(x: int) -> int:
 def tile_config(window: tuple[int, int], head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Tile geometry for a window: tokens N, windows per tile G, TILE, block sizes, fused backward or not.
 
-    Register/shared-memory budgets were checked statically for sm_80/sm_90 with
-    ``python -m esvit_kernels._triton.aot`` (no spills; shared memory under the A100 limit); block sizes
-    and warps are not yet tuned on a GPU.
+    Resources were read statically from cubins compiled for sm_90 at realistic launch shapes (B=128 on a
+    132-SM grid, ``python -m esvit_kernels._triton.aot``; docs/kernel_notes.md has the tables):
+
+    * TILE 64 (windows up to 8x8): the whole tile in one block, several small windows packed per tile.
+    * TILE >= 128 (windows 9x9 to 16x16), and fp32 at head_dim > 32: the keys (forward, dQ) and queries
+      (dK/dV) are walked in 4 chunks of TILE // 4. Holding a whole 256-row K/V tile needs 59-62 KB of shared
+      memory and 177-218 registers at head_dim 32 in bf16 (one block per SM), spills at head_dim 128 (bf16)
+      and in fp32, and double-buffered at head_dim 128 in fp32 it needs ~300 KB, more than a Hopper block
+      has; in chunks the same kernels need 10-29 KB and 80-128 registers with no spills. Head dims below 32
+      are padded to 32 there (at 16 the compiler spills 3-4 KB per thread in the backward).
+
+    Block sizes and warps are not yet tuned on a GPU. :func:`launch_candidates` lists the fallback (one
+    pipeline stage) tried when a configuration does not fit the device's shared memory.
     """
     n = window[0] * window[1]
     tile = max(16, _next_pow2(n))
     if tile < 64:  # small windows: pack several whole windows into one 64-row tile
         tile = 64
     g = tile // n if 2 * n <= tile else 1
-    hd_pad = max(16, _next_pow2(head_dim))
+    hd_pad = max(16 if tile <= 64 else 32, _next_pow2(head_dim))
     # fp32 takes exact (FMA) dots, register- and shared-memory-hungry, and head dims > 32 hold too many
     # operands for the fused backward: those use the split backward with small blocks
     fused = tile <= 64 and dtype != torch.float32 and hd_pad <= 32
     small = tile if fused else 16
+    # walk keys / queries in 4 chunks on large tiles, and in fp32 at head_dim > 32 (whole 64-row fp32 tiles
+    # at head_dim 128 spill up to 4 KB per thread in the backward; in chunks of 16: <= 8 B)
+    chunked = tile >= 128 or (dtype == torch.float32 and hd_pad >= 64)
+    chunk = tile // 4 if chunked else tile
     return {
         "N": n, "G": g, "TILE": tile, "FUSED": fused,
         "BM_FWD": tile if tile <= 64 and dtype != torch.float32 else 16,
         "BM_BWD": small, "BN_BWD": small,
-        "PRE_BIAS": tile <= 64,
+        "BK_FWD": chunk, "BK_BWD": chunk, "BQ_BWD": chunk,
+        "PRE_BIAS": tile <= 64 and not chunked,  # the bias block of the whole tile, kept in registers
         "HD_PAD": hd_pad,
         "WARPS": 8,
         "WARPS_BWD": 8,
         # software pipelining depth: the fused backward is compute-heavy per tile, so it gets 1 stage
-        # (no spills, 20 KB shared on sm_90); the forward gets 2
+        # (no spills, 17 KB shared on sm_90); the others get 2
         "STAGES": 2,
         "STAGES_BWD": 1 if fused else 2,
     }
 
 
+def launch_candidates(cfg: dict, kernel: str) -> list[dict]:
+    """Launch options of one kernel (``fwd``, ``fused``, ``dq``, ``dkv``) in order of preference: the
+    configuration of :func:`tile_config`, then one pipeline stage (K/V not double-buffered).
+    :func:`.aot.launch` runs the first whose shared memory fits the device."""
+    stages = cfg["STAGES"] if kernel == "fwd" else cfg["STAGES_BWD"]
+    chunk = {"fwd": {"BK": cfg["BK_FWD"]}, "dq": {"BK": cfg["BK_BWD"]}, "dkv": {"BQ": cfg["BQ_BWD"]}}.get(kernel, {})
+    out = [{"num_stages": stages, **chunk}]
+    if stages > 1:
+        out.append({"num_stages": 1, **chunk})
+    return out
+
+
 def _num_chunks(n_tiles: int, programs_per_chunk: int, device: torch.device, waves: int) -> int:
     """How many chunks of tiles: about ``waves`` programs per SM on a GPU, each looping over its tiles
     (so the per-program bias block and dbias sum are amortised); 4 on the CPU interpreter."""
-    if device.type == "cuda":
-        target = waves * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 4
+    sms = aot.sm_count(device)
+    target = waves * sms if sms else 4
     return max(1, min(n_tiles, -(-target // programs_per_chunk)))
 
 
@@ -566,8 +638,9 @@ def _forward(pb: _Problem, out: torch.Tensor, lse: torch.Tensor) -> None:
     cfg = pb.cfg
     nq = cfg["TILE"] // cfg["BM_FWD"]
     chunks, tpp = _chunking(pb.n_tiles, pb.heads * nq, pb.q.device, waves=8)
-    launch(_fwd_kernel, (chunks, pb.heads, nq), *pb.ptrs(), out, lse, *pb.args(tpp),
-           BM=cfg["BM_FWD"], num_warps=cfg["WARPS"], num_stages=cfg["STAGES"], **pb.consts())
+    with _on_device(pb.q):
+        launch(_fwd_kernel, (chunks, pb.heads, nq), *pb.ptrs(), out, lse, *pb.args(tpp),
+               BM=cfg["BM_FWD"], num_warps=cfg["WARPS"], candidates=launch_candidates(cfg, "fwd"), **pb.consts())
 
 
 def _backward(pb: _Problem, out, dout, lse, dq, dk, dv, need_dbias: bool, need_dpad: bool):
@@ -582,21 +655,30 @@ def _backward(pb: _Problem, out, dout, lse, dq, dk, dv, need_dbias: bool, need_d
     tile = cfg["TILE"]
     dbias_part = torch.empty(chunks, pb.heads, tile, tile, device=dev, dtype=f32) if need_dbias else lse
     dpad_part = torch.empty(chunks * pb.heads * nk, 2, cfg["HD_PAD"], device=dev, dtype=f32) if need_dpad else lse
-    consts = pb.consts(NEED_DPAD=need_dpad, num_warps=cfg["WARPS_BWD"], num_stages=cfg["STAGES_BWD"])
-    if cfg["FUSED"]:
-        launch(_bwd_fused_kernel, (chunks, pb.heads), *pb.ptrs(), out, dout, lse, dq, dk, dv, dbias_part,
-               dpad_part, *pb.args(tpp), NEED_DBIAS=need_dbias, **consts)
-    else:
-        delta = torch.empty_like(lse)
-        consts.pop("NEED_DPAD")
-        launch(_bwd_dq_kernel, (chunks, pb.heads, nq), *pb.ptrs(), out, dout, lse, delta, dq, dbias_part,
-               *pb.args(tpp), BM=cfg["BM_BWD"], NEED_DBIAS=need_dbias, **consts)
-        launch(_bwd_dkv_kernel, (chunks, pb.heads, nk), *pb.ptrs(), dout, lse, delta, dk, dv, dpad_part,
-               *pb.args(tpp), BN=cfg["BN_BWD"], NEED_DPAD=need_dpad, **consts)
+    consts = pb.consts(NEED_DPAD=need_dpad, num_warps=cfg["WARPS_BWD"])
+    with _on_device(pb.q):
+        if cfg["FUSED"]:
+            launch(_bwd_fused_kernel, (chunks, pb.heads), *pb.ptrs(), out, dout, lse, dq, dk, dv, dbias_part,
+                   dpad_part, *pb.args(tpp), NEED_DBIAS=need_dbias, candidates=launch_candidates(cfg, "fused"),
+                   **consts)
+        else:
+            delta = torch.empty_like(lse)
+            consts.pop("NEED_DPAD")
+            launch(_bwd_dq_kernel, (chunks, pb.heads, nq), *pb.ptrs(), out, dout, lse, delta, dq, dbias_part,
+                   *pb.args(tpp), BM=cfg["BM_BWD"], NEED_DBIAS=need_dbias, candidates=launch_candidates(cfg, "dq"),
+                   **consts)
+            launch(_bwd_dkv_kernel, (chunks, pb.heads, nk), *pb.ptrs(), dout, lse, delta, dk, dv, dpad_part,
+                   *pb.args(tpp), BN=cfg["BN_BWD"], NEED_DPAD=need_dpad, candidates=launch_candidates(cfg, "dkv"),
+                   **consts)
     dbias = _reduce_dbias(dbias_part, pb.window, cfg["G"], tile) if need_dbias else lse.new_empty(0)
     dpad = (dpad_part.view(chunks, pb.heads, nk, 2, cfg["HD_PAD"]).sum((0, 2))[..., :pb.hd]
             if need_dpad else None)
     return dbias, dpad
+
+
+def _on_device(x: torch.Tensor):
+    """Launch on the tensors' GPU, not the current one."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _map_problem(qkv, bias_table, pad_qkv, num_heads, window, shift, scale, roll_before_pad, out) -> _Problem:
@@ -673,35 +755,76 @@ def wa_backward(dout, q, k, v, out, lse, bias_table, mask, window, scale, need_d
     return (*grads, dbias)
 
 
-def representative_launches() -> dict:
-    """Small-shape calls of every launcher path (map/windows layout, fused/split backward, packing, padding,
-    both roll orders, mask), keyed by a label; each takes a dtype. Used by :mod:`.aot` to compile every
-    kernel variant for a GPU architecture."""
+# ----------------------------------------------------------------------------------------- AOT cases
 
-    def map_case(b, h, w, heads, hd, ws, ss, rbp, pad=True):
-        def run(dtype):
-            c = heads * hd
-            qkv = torch.randn(b, h, w, 3 * c, dtype=dtype)
-            table = torch.randn((2 * ws[0] - 1) * (2 * ws[1] - 1), heads)
-            padv = torch.randn(3 * c, dtype=dtype) if pad else None
-            out, lse = swa_forward(qkv, table, padv, heads, ws, ss, hd**-0.5, rbp)
-            swa_backward(torch.randn_like(out), qkv, out, lse, table, padv, heads, ws, ss, hd**-0.5, rbp, True, pad)
-        return run
 
-    def windows_case(bw, nw, heads, hd, ws):
-        def run(dtype):
-            n = ws[0] * ws[1]
-            q = torch.randn(bw, heads, n, hd, dtype=dtype)
-            table = torch.randn((2 * ws[0] - 1) * (2 * ws[1] - 1), heads)
-            mask = torch.zeros(nw, n, n)
-            out, lse = wa_forward(q, q, q, table, mask, ws, hd**-0.5)
-            wa_backward(torch.randn_like(out), q, q, q, out, lse, table, mask, ws, hd**-0.5, True)
-        return run
+def _aot_map_case(b, h, w, heads, hd, ws, ss, rbp=False, pad=True, alloc=torch.randn):
+    def run(dtype):
+        c = heads * hd
+        qkv = alloc(b, h, w, 3 * c, dtype=dtype)
+        table = torch.zeros((2 * ws[0] - 1) * (2 * ws[1] - 1), heads)
+        padv = torch.zeros(3 * c, dtype=dtype) if pad else None
+        out, lse = swa_forward(qkv, table, padv, heads, ws, ss, hd**-0.5, rbp)
+        swa_backward(out, qkv, out, lse, table, padv, heads, ws, ss, hd**-0.5, rbp, True, pad)
+    return run
 
-    return {
-        "map_w7_shift_pad": map_case(1, 9, 9, 3, 32, (7, 7), (3, 3), False),
-        "map_w7_timm_hd64": map_case(1, 9, 9, 2, 64, (7, 7), (3, 3), True),
-        "map_w14_split": map_case(1, 14, 14, 4, 32, (14, 14), (7, 7), False, pad=False),
-        "map_w3_packed_hd16": map_case(1, 6, 6, 2, 16, (3, 3), (1, 1), False),
-        "windows_w7_mask": windows_case(4, 2, 3, 32, (7, 7)),
+
+def _aot_windows_case(bw, nw, heads, hd, ws):
+    def run(dtype):
+        n = ws[0] * ws[1]
+        q = torch.randn(bw, heads, n, hd, dtype=dtype)
+        table = torch.randn((2 * ws[0] - 1) * (2 * ws[1] - 1), heads)
+        mask = torch.zeros(nw, n, n)
+        out, lse = wa_forward(q, q, q, table, mask, ws, hd**-0.5)
+        wa_backward(torch.randn_like(out), q, q, q, out, lse, table, mask, ws, hd**-0.5, True)
+    return run
+
+
+SWIN_STAGES = {"t": (96, (3, 6, 12, 24)), "s": (96, (3, 6, 12, 24)), "b": (128, (4, 8, 16, 32))}
+
+
+def _swin_layer(model: str, stage: int, window: int, batch: int, head_dim: int | None = None):
+    """(B, res, res, heads, hd, window, shift) of stage ``stage`` (1-4) of Swin-``model`` at 224 px; a stage
+    whose resolution is <= the window uses window = resolution and no shift (as the official code)."""
+    embed, heads = SWIN_STAGES[model]
+    res, dim = 56 >> (stage - 1), embed << (stage - 1)
+    hd = head_dim or dim // heads[stage - 1]
+    w, s = (res, 0) if res <= window else (window, window // 2)
+    return batch, res, res, max(1, dim // hd), hd, w, s
+
+
+def aot_cases() -> dict:
+    """Launcher calls compiled by :mod:`.aot`. Small cases cover every launcher path (map / windows layout,
+    fused / split backward, packing, padding, both roll orders, mask). Realistic cases are the Swin-T/S/B
+    stages at W7 and W14 for batches 32 and 128, sized for a 132-SM GPU (many tiles per program, so the
+    tile loop is software-pipelined as it is on an H100/H200), plus head dims 16/64/128 at the stage-1 and
+    stage-3 shapes. ``ci`` marks the subset CI compiles: every distinct kernel configuration (tile size,
+    chunking, head dim, dtype, shift / no shift) once, at batch 128."""
+    from .aot import AotCase
+
+    out = {
+        "map_w7_shift_pad": AotCase(_aot_map_case(1, 9, 9, 3, 32, (7, 7), (3, 3)), 1, 7, 32),
+        "map_w7_timm_hd64": AotCase(_aot_map_case(1, 9, 9, 2, 64, (7, 7), (3, 3), rbp=True), 1, 7, 64),
+        "map_w14_split": AotCase(_aot_map_case(1, 14, 14, 4, 32, (14, 14), (7, 7), pad=False), 1, 14, 32),
+        "map_w3_packed_hd16": AotCase(_aot_map_case(1, 6, 6, 2, 16, (3, 3), (1, 1)), 1, 3, 16),
+        "windows_w7_mask": AotCase(_aot_windows_case(4, 2, 3, 32, (7, 7)), 4, 7, 32),
     }
+    ci_stages = {("t", 1, 7), ("t", 4, 7), ("t", 1, 14), ("t", 3, 14)}
+    for model in SWIN_STAGES:
+        for window in (7, 14):
+            for batch in (32, 128):
+                for stage in (1, 2, 3, 4):
+                    b, h, w, heads, hd, ws, ss = _swin_layer(model, stage, window, batch)
+                    name = f"swin_{model}_stage{stage}{'' if window == 7 else f'_w{window}'}_b{batch}"
+                    out[name] = AotCase(_aot_map_case(b, h, w, heads, hd, (ws, ws), (ss, ss), pad=False,
+                                                      alloc=torch.empty),
+                                        batch, ws, hd, realistic=True,
+                                        ci=batch == 128 and (model, stage, window) in ci_stages)
+    for hd in (16, 64, 128):
+        for window in (7, 14):
+            for stage in (1, 3):
+                b, h, w, heads, _, ws, ss = _swin_layer("t", stage, window, 128, hd)
+                out[f"swin_t_stage{stage}{'' if window == 7 else f'_w{window}'}_b128_hd{hd}"] = AotCase(
+                    _aot_map_case(b, h, w, heads, hd, (ws, ws), (ss, ss), pad=False, alloc=torch.empty),
+                    128, ws, hd, realistic=True, ci=stage == 1 or window == 14)
+    return out
