@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -46,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--resume", action="store_true", help="skip cases already in the results file")
     ap.add_argument("--compile-quota", type=int, default=1,
                     help="torch.compile'd providers allowed in the CPU smoke pass (default 1)")
+    ap.add_argument("--headline", action="store_true",
+                    help="only gpu-check's headline: attention at Swin-T stage 1 / stage 3 (W7) and Swin-B stage 1 "
+                    "(W14), B=128 bf16; the losses at B=32, K=65536; one EsViT Swin-T step at B=32")
     ap.add_argument("--no-plots", action="store_true")
     return ap.parse_args(argv)
 
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if ctx.dtypes and not set(ctx.dtypes) <= set(DTYPES):
         print(f"unknown dtype in --dtypes {args.dtypes}; choose from {','.join(DTYPES)}", file=sys.stderr)
         return 2
-    records = run_suites(ctx, suites, budget, path, meta)
+    records = run_headline(ctx, budget, path, meta) if args.headline else run_suites(ctx, suites, budget, path, meta)
     data = report.load(path)
     if not args.no_plots and data:
         for p in plots.draw_all(data["metadata"], data["records"], path):
@@ -106,6 +110,43 @@ def run_suites(ctx: RunContext, suites: list[str], budget: float, path: Path, me
             ctx.deadline = time.monotonic() + max(end - time.monotonic(), 0.0) * WEIGHTS[name] / rest
         t0 = time.monotonic()
         for case_records in modules[name].run(ctx):
+            records.extend(case_records)
+            print(report.case_table(case_records), f"\n  ({time.monotonic() - t0:.1f} s)", flush=True)
+            report.write(path, meta, case_records)
+            t0 = time.monotonic()
+    return records
+
+
+def headline_plan(ctx: RunContext) -> list[tuple[float, str, Callable[[], Iterator[list]]]]:
+    """gpu-check's headline in priority order: (share of the budget, label, record generator)."""
+    from . import attention, losses, models
+    from .suite import run_cases
+
+    dtype = "bf16" if ctx.device.type == "cuda" else "fp32"
+    shapes = attention.headline_shapes(ctx.device)
+    att = lambda shape: lambda: run_cases(iter([attention.block_case(ctx, shape, dtype)]), ctx)  # noqa: E731
+    loss_shape = losses.headline_shape(ctx.device)
+    loss_cases = [losses.loss_case(ctx, loss_shape, dtype, scope) for scope in ("region", "view")]
+    plan = [
+        (0.30, f"attention {shapes[0].name}", att(shapes[0])),
+        (0.20, "losses", lambda: run_cases(iter(loss_cases), ctx)),
+        (0.20, "EsViT Swin-T step", lambda: models.headline_step(ctx)),
+    ]
+    return plan + [(0.15, f"attention {s.name}", att(s)) for s in shapes[1:]]
+
+
+def run_headline(ctx: RunContext, budget: float, path: Path, meta: dict) -> list:
+    """The headline groups in order, each within its share of the time left (unused time rolls over)."""
+    plan = headline_plan(ctx)
+    end = time.monotonic() + budget if budget else None
+    records: list = []
+    for i, (share, label, gen) in enumerate(plan):
+        if end is not None:
+            rest = sum(sh for sh, _, _ in plan[i:])
+            ctx.deadline = time.monotonic() + max(end - time.monotonic(), 0.0) * share / rest
+            print(f"[{label}: {ctx.time_left():.0f} s]", flush=True)
+        t0 = time.monotonic()
+        for case_records in gen():
             records.extend(case_records)
             print(report.case_table(case_records), f"\n  ({time.monotonic() - t0:.1f} s)", flush=True)
             report.write(path, meta, case_records)

@@ -224,21 +224,36 @@ def bytes_min(shape: AttnShape, dtype: str, scope: str, mode: str) -> int | None
 # ------------------------------------------------------------------------------------------------ cases
 
 
-def cases(ctx: RunContext) -> Iterator[Case]:
-    """Every case of the suite in priority order, after the --only / --dtypes filters."""
+def headline_shapes(device: torch.device) -> list[AttnShape]:
+    """gpu-check's headline: Swin-T stage 1 (B=128, 56x56, C=96, 3 heads, W7), Swin-T stage 3 (14x14,
+    C=384, 12 heads, W7) and Swin-B stage 1 at W14 (56x56, C=128, 4 heads), all at batch 128; the CPU
+    smoke pass's one tiny shape on the CPU."""
+    if device.type != "cuda":
+        return cpu_shapes()
+    t7, b14 = swin_stages("SwinT/S", 7, 224, 128), swin_stages("SwinB", 14, 224, 128)
+    return [t7[0], t7[2], b14[0]]
+
+
+def block_case(ctx: RunContext, shape: AttnShape, dtype: str, scope: str = "block") -> Case:
+    """One attention case (every provider of ``scope``, all three modes)."""
     from .attention_providers import PROVIDERS
 
+    return Case(
+        suite="attention", scope=scope, shape_name=shape.name, shape=shape.as_dict(), dtype=dtype,
+        modes=("fwd", "bwd", "fwd+bwd"),
+        make_inputs=lambda: make_inputs(shape, dtype, scope, ctx.device),
+        providers=ctx.select(PROVIDERS[scope]),
+        bytes_min=lambda mode: bytes_min(shape, dtype, scope, mode),
+    )
+
+
+def cases(ctx: RunContext) -> Iterator[Case]:
+    """Every case of the suite in priority order, after the --only / --dtypes filters."""
     for shape, dtype in plan(ctx.device, ctx.quick):
         if not ctx.wants(shape.name, dtype):
             continue
         for scope in SCOPES:
-            yield Case(
-                suite="attention", scope=scope, shape_name=shape.name, shape=shape.as_dict(), dtype=dtype,
-                modes=("fwd", "bwd", "fwd+bwd"),
-                make_inputs=lambda s=shape, d=dtype, sc=scope: make_inputs(s, d, sc, ctx.device),
-                providers=ctx.select(PROVIDERS[scope]),
-                bytes_min=lambda mode, s=shape, d=dtype, sc=scope: bytes_min(s, d, sc, mode),
-            )
+            yield block_case(ctx, shape, dtype, scope)
 
 
 def run(ctx: RunContext) -> Iterator[list[Record]]:

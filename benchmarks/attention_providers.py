@@ -4,7 +4,8 @@ Peers (DESIGN.md section 4): the eager reference (official Swin style: pad, roll
 gathered bias and mask, reverse), ``torch.compile`` of it, SDPA with bias + mask as a float ``attn_mask``
 (EFFICIENT_ATTENTION pinned, which can differentiate the mask, and the default dispatch), FlexAttention
 (compiled; ``score_mod`` gathers the bias from the table, the shift mask is a ``mask_mod`` block mask),
-and timm's ``SwinTransformerBlock._attn``. Ours: ``esvit_kernels`` with ``backend="triton" | "cuda"``
+and timm's ``SwinTransformerBlock._attn``. The compiled providers come last in each list, so a time
+budget cuts them before the others. Ours: ``esvit_kernels`` with ``backend="triton" | "cuda"``
 (and ``"torch"``, the reference behind the public API).
 
 Block-level SDPA and FlexAttention do the same eager pad / roll / partition / reverse as the reference
@@ -258,9 +259,9 @@ PROVIDERS: dict[str, list[Provider]] = {
         Provider("cuda", "ours", _block_ours("cuda"), backend_check("cuda", _SWA)),
         Provider("torch", "ours", _block_ours("torch"), backend_check("torch", _SWA), note=_TORCH_NOTE),
         Provider("eager_ref", "peer", _block_ref(False), note="official-style eager reference"),
-        Provider("compiled_ref", "peer", _block_ref(True), compiles=True, note="torch.compile(eager reference)"),
         Provider("sdpa_efficient", "peer", _block_sdpa(True), _cuda_only("EFFICIENT_ATTENTION"), note=_EFF_NOTE),
         Provider("sdpa_default", "peer", _block_sdpa(False), note=_DEF_NOTE),
+        Provider("compiled_ref", "peer", _block_ref(True), compiles=True, note="torch.compile(eager reference)"),
         Provider("flex", "peer", _block_flex, _flex_check, compiles=True, note=_FLEX_NOTE),
     ],
     "core": [
@@ -268,9 +269,9 @@ PROVIDERS: dict[str, list[Provider]] = {
         Provider("cuda", "ours", _core_ours("cuda"), backend_check("cuda", _WA)),
         Provider("torch", "ours", _core_ours("torch"), backend_check("torch", _WA), note=_TORCH_NOTE),
         Provider("eager_ref", "peer", _core_ref(False), note="official-style eager reference"),
-        Provider("compiled_ref", "peer", _core_ref(True), compiles=True, note="torch.compile(eager reference)"),
         Provider("sdpa_efficient", "peer", _core_sdpa(True), _cuda_only("EFFICIENT_ATTENTION"), note=_EFF_NOTE),
         Provider("sdpa_default", "peer", _core_sdpa(False), note=_DEF_NOTE),
+        Provider("compiled_ref", "peer", _core_ref(True), compiles=True, note="torch.compile(eager reference)"),
         Provider("flex", "peer", _core_flex, _flex_check, compiles=True, note=_FLEX_NOTE),
     ],
     "layer": [

@@ -314,18 +314,26 @@ def bytes_min(shape: LossShape, dtype: str, scope: str, mode: str) -> int:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
+def loss_case(ctx: RunContext, shape: LossShape, dtype: str, scope: str) -> Case:
+    """One loss case: every provider of ``scope`` in the scope's modes."""
+    return Case(
+        suite="losses", scope=scope, shape_name=shape.name, shape=shape.as_dict(), dtype=dtype,
+        modes=SCOPE_MODES[scope], make_inputs=lambda: make_inputs(shape, dtype, scope, ctx.device),
+        providers=ctx.select(PROVIDERS[scope]), bytes_min=lambda mode: bytes_min(shape, dtype, scope, mode),
+    )
+
+
+def headline_shape(device: torch.device) -> LossShape:
+    """gpu-check's headline: the Swin-T step's losses per GPU (B=32, K=65536); the smoke shape on the CPU."""
+    return LossShape(32, 65536, 768) if device.type == "cuda" else plan(device, True)[0][0]
+
+
 def cases(ctx: RunContext) -> Iterator[Case]:
     for shape, dtype in plan(ctx.device, ctx.quick):
         if not ctx.wants(shape.name, dtype):
             continue
         for scope in ("region", "view", "match"):
-            yield Case(
-                suite="losses", scope=scope, shape_name=shape.name, shape=shape.as_dict(), dtype=dtype,
-                modes=SCOPE_MODES[scope],
-                make_inputs=lambda s=shape, d=dtype, sc=scope: make_inputs(s, d, sc, ctx.device),
-                providers=ctx.select(PROVIDERS[scope]),
-                bytes_min=lambda mode, s=shape, d=dtype, sc=scope: bytes_min(s, d, sc, mode),
-            )
+            yield loss_case(ctx, shape, dtype, scope)
 
 
 def run(ctx: RunContext) -> Iterator[list[Record]]:

@@ -228,6 +228,16 @@ def _case(ctx: RunContext, model: str, scope: str, img: int, batch: int, dtype: 
                 providers=ctx.select(providers(model, scope)))
 
 
+def headline_step(ctx: RunContext) -> Iterator[list[Record]]:
+    """gpu-check's headline: one full EsViT Swin-T training step (bf16, 224 + 96 px crops) at the paper's 32
+    images per GPU, fused backends against torch (the smoke pass's 64-px batch of 2 on the CPU)."""
+    _, img, batch, dtype = plan(ctx.device, True)
+    img, batch, dtype = (224, 32, "bf16") if ctx.device.type == "cuda" else (img, batch, dtype)
+    case = _case(ctx, "swin_tiny", "esvit_step", img, batch, dtype)
+    for records in run_cases(iter([case]), ctx):
+        yield _post(records, batch)
+
+
 def run(ctx: RunContext) -> Iterator[list[Record]]:
     names, img, batch, dtype = plan(ctx.device, ctx.quick)
     dtype = ctx.dtypes[0] if ctx.dtypes else dtype

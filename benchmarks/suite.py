@@ -8,7 +8,10 @@ cannot run here are recorded as skipped with the reason, never substituted.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +32,33 @@ from .harness import (
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BUDGET_REASON = "time budget exhausted (--budget-s); rerun with --resume to measure it"
+COMPILE_EST_S = 45.0
+
+
+class BudgetExceeded(Exception):
+    """Raised inside a provider (by an alarm) when it runs past the run's deadline."""
+
+
+@contextlib.contextmanager
+def deadline_alarm(deadline: float | None):
+    """Raise :class:`BudgetExceeded` in this thread once ``time.monotonic()`` passes ``deadline`` (SIGALRM;
+    a no-op off the main thread, on platforms without it, or without a deadline)."""
+    usable = (deadline is not None and hasattr(signal, "setitimer")
+              and threading.current_thread() is threading.main_thread())
+    if not usable:
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise BudgetExceeded("cut at the time budget (--budget-s) while running; rerun with --resume")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(deadline - time.monotonic(), 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass
@@ -53,6 +83,13 @@ class Provider:
     check: Callable[[Any, str], str | None] = _no_skip
     compiles: bool = False
     note: str = ""
+
+    @property
+    def est_s(self) -> float:
+        """Rough seconds the provider needs on a GPU for all modes of one case, compilation included: a
+        provider is skipped when less time is left than this (a torch.compile'd one is compiled once per
+        case and its forward and backward graphs take tens of seconds)."""
+        return COMPILE_EST_S if self.compiles else 2.0
 
 
 @dataclass
@@ -115,6 +152,9 @@ class RunContext:
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
+
+    def time_left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
 
     def select(self, providers: Sequence[Provider]) -> list[Provider]:
         """The providers the --providers filter keeps."""
@@ -196,6 +236,10 @@ def _run_provider(case: Case, prov: Provider, inputs: Any, timer: Timer, ctx: Ru
     reasons = {m: prov.check(inputs, m) for m in case.modes}
     if all(reasons.values()):
         return [case.record(prov, m, "skipped", reasons[m]) for m in case.modes]
+    if ctx.deadline is not None and ctx.time_left() < prov.est_s:
+        why = (f"time budget: {max(ctx.time_left(), 0):.0f} s left of this run's share, this provider needs about "
+               f"{prov.est_s:.0f} s{' (torch.compile)' if prov.compiles else ''}; rerun with --resume")
+        return [case.record(prov, m, "skipped", reasons[m] or why) for m in case.modes]
     if prov.compiles:
         if not ctx.compile_allowed():
             why = (f"the CPU smoke pass compiles at most {ctx.settings.compile_quota} graph(s) to stay fast; "
@@ -204,21 +248,27 @@ def _run_provider(case: Case, prov: Provider, inputs: Any, timer: Timer, ctx: Ru
         ctx.compiles_used += 1
         _compile_reset()
     out: list[Record] = []
+    fwd = None
     try:
-        fwd = prov.build(inputs)
-    except Exception as exc:
-        status, reason = _failure(exc, ctx)
-    else:
-        status = None
-    if status is not None:  # outside the except block, so the traceback's tensors can be freed
-        free_memory()
-        return [case.record(prov, m, "skipped", reasons[m]) if reasons[m] else case.record(prov, m, status, reason)
-                for m in case.modes]
-    for mode in case.modes:
-        if reasons[mode]:
-            out.append(case.record(prov, mode, "skipped", reasons[mode]))
-            continue
-        out.append(_measure(case, prov, fwd, mode, timer, ctx))
+        with deadline_alarm(ctx.deadline):
+            try:
+                fwd = prov.build(inputs)
+            except Exception as exc:
+                status, reason = _failure(exc, ctx)
+            else:
+                status = None
+            if status is not None:  # outside the except block, so the traceback's tensors can be freed
+                free_memory()
+                return [case.record(prov, m, "skipped", reasons[m]) if reasons[m] else
+                        case.record(prov, m, status, reason) for m in case.modes]
+            for mode in case.modes:
+                if reasons[mode] or ctx.out_of_time():
+                    out.append(case.record(prov, mode, "skipped", reasons[mode] or BUDGET_REASON))
+                    continue
+                out.append(_measure(case, prov, fwd, mode, timer, ctx))
+    except BudgetExceeded as exc:  # the alarm fired between two measurements
+        done = {r.mode for r in out}
+        out += [case.record(prov, m, "skipped", reasons[m] or str(exc)) for m in case.modes if m not in done]
     del fwd
     if prov.compiles:
         _compile_reset()
@@ -227,6 +277,8 @@ def _run_provider(case: Case, prov: Provider, inputs: Any, timer: Timer, ctx: Ru
 
 
 def _failure(exc: BaseException, ctx: RunContext) -> tuple[str, str]:
+    if isinstance(exc, BudgetExceeded):
+        return "skipped", str(exc)
     status, reason = classify_failure(exc)
     if status == "error":
         ctx.log(short_traceback(exc))
