@@ -13,7 +13,16 @@ TORCH_CUDA_ARCH_LIST ?= 9.0
 MAX_JOBS ?= 2
 export CUDA_HOME
 
-.PHONY: test build demo lint venv clean
+.PHONY: test build demo lint venv clean gpu-check
+
+# First contact with a GPU (tools/gpu_check.py): install, env, build, tests/gpu, compute-sanitizer, benchmark
+# headline, OUT/summary.md, within 540 s. Uses .venv's Python only where it exists and sees a CUDA device, else
+# python3 (the GPU machines' own). Without a GPU it is a dry run (exit 0) that says what it skipped and why.
+OUT ?= gpu-check-out
+gpu-check:
+	@if [ -x $(PY) ] && $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; \
+	  then GPY=$(PY); else GPY=$(PYTHON); fi; \
+	  echo "gpu-check with $$GPY -> $(OUT)"; $$GPY tools/gpu_check.py --out $(OUT) $(GPU_CHECK_ARGS)
 
 $(STAMP): requirements.txt pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

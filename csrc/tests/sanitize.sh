@@ -7,7 +7,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SAN="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")}"
-PY="${PYTHON:-.venv/bin/python}"
+# PYTHON, else the project's .venv when it sees a GPU, else python3 (the GPU machines' own interpreter)
+if [[ -n "${PYTHON:-}" ]]; then
+  PY="$PYTHON"
+elif [[ -x .venv/bin/python ]] && .venv/bin/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  PY=.venv/bin/python
+else
+  PY=python3
+fi
 # The caching allocator hides out-of-bounds accesses inside its blocks from memcheck.
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 tools=("${@:-memcheck racecheck synccheck initcheck}")
