@@ -28,7 +28,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import from_dict
-from .distributed import DistEnv, all_reduce_mean, barrier, cleanup, init_distributed
+from .distributed import DistEnv, all_reduce_mean, barrier, cleanup, convert_sync_batchnorm, init_distributed
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .losses import EsViTLoss
 from .models import VIT_ARCHS, DINOHead, MultiCropWrapper, create_backbone
@@ -129,10 +129,9 @@ class Trainer:
         student = MultiCropWrapper(backbone, head, region_head).to(self.device)
         teacher_backbone = build_backbone(cfg, teacher=True)
         teacher = MultiCropWrapper(teacher_backbone, copy.deepcopy(head), copy.deepcopy(region_head)).to(self.device)
-        if env.distributed and self.device.type == "cuda" and any(
-                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules()):
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        if env.distributed:  # BatchNorm over the global batch, on gloo (CPU) as on NCCL
+            student = convert_sync_batchnorm(student, self.device)
+            teacher = convert_sync_batchnorm(teacher, self.device)
         self.student_module = student
         if env.distributed:
             ids = [self.device] if self.device.type == "cuda" else None
