@@ -27,7 +27,7 @@ from torch import nn
 from .errors import CheckpointError
 
 __all__ = ["FORMAT", "atomic_save", "atomic_write", "get_rng_state", "keep_copy", "load_backbone", "load_checkpoint",
-           "named_tensors", "nonfinite", "peak_abs", "remove_stale_temps", "set_rng_state"]
+           "global_norm", "named_tensors", "nonfinite", "remove_stale_temps", "set_rng_state"]
 
 FORMAT = "esvit-pretrain"
 VERSION = 1
@@ -126,13 +126,15 @@ def named_tensors(obj: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
     return [nt for k, v in items for nt in named_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
 
 
-def peak_abs(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """max |x| over every element of the floating-point ``tensors`` (NaN if one is NaN), as a 0-d tensor: one
-    fused reduction and no host sync, so a finiteness check of a whole model costs one ``.item()``."""
+def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all the floating-point ``tensors`` together, as a 0-d tensor: finite unless an element is
+    NaN or infinite -- or the squares overflow, which :func:`nonfinite` tells apart. One fused reduction
+    (``torch._foreach_norm``, as gradient clipping uses) and no host sync: checking a whole model for
+    non-finite values costs one ``.item()`` in the common case."""
     floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
     if not floats:
         return torch.zeros(())
-    return torch.stack([n.float() for n in torch._foreach_norm(floats, ord=float("inf"))]).amax()
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(floats)))
 
 
 def nonfinite(named: list[tuple[str, torch.Tensor]]) -> list[str]:

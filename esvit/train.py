@@ -150,7 +150,8 @@ class Trainer:
         if cfg["model"]["compile"]:
             student.backbone.compile()
             teacher.backbone.compile()
-        self._student_params = list(student.parameters())
+        self._student_named = [(f"student.{n}", p) for n, p in student.named_parameters()]
+        self._student_params = [p for _, p in self._student_named]
         self._teacher_params = list(teacher.parameters())
 
         self.loss = EsViTLoss(head.last_layer.weight_v.shape[0], view_weight=lo["view_weight"],
@@ -184,16 +185,21 @@ class Trainer:
                 "teacher_temp": self._sched(self.teacher_temps, iteration // self.steps_per_epoch)}
 
     def nonfinite_state(self) -> list[str]:
-        """Names of the student / teacher / optimiser-state / center tensors holding a NaN or an infinity; []
-        in the common case at the price of one fused reduction and one sync (all ranks reach the same answer)."""
-        named = [*ckpt.named_tensors(self.student_module.state_dict(), "student"),
-                 *ckpt.named_tensors(self.teacher.state_dict(), "teacher"),
-                 *ckpt.named_tensors(self.optimizer.state_dict()["state"], "optimizer"),
-                 *ckpt.named_tensors(self.loss.state_dict(), "loss")]
-        peak = all_reduce_mean(ckpt.peak_abs([t for _, t in named]).to(self.device).reshape(1))
-        if math.isfinite(peak.item()):
+        """Names of the student / teacher / optimiser-state / center tensors holding a NaN or an infinity."""
+        return self._nonfinite([*ckpt.named_tensors(self.student_module.state_dict(), "student"),
+                                *ckpt.named_tensors(self.teacher.state_dict(), "teacher"),
+                                *ckpt.named_tensors(self.optimizer.state_dict()["state"], "optimizer"),
+                                *ckpt.named_tensors(self.loss.state_dict(), "loss")])
+
+    def _nonfinite(self, named: list[tuple[str, torch.Tensor]]) -> list[str]:
+        """Names of the non-finite tensors of ``named``; [] in the common case at the price of one fused
+        reduction and one sync. Every rank reaches the same verdict (a rank with none names another's)."""
+        norm = all_reduce_mean(ckpt.global_norm([t for _, t in named]).to(self.device).reshape(1))
+        if math.isfinite(norm.item()):
             return []
-        return ckpt.nonfinite(named) or ["(on another process)"]
+        bad = ckpt.nonfinite(named)  # exact: the norm also overflows on huge finite values
+        anywhere = all_reduce_mean(torch.tensor([float(len(bad))], device=self.device)).item() > 0
+        return bad or (["(on another process)"] if anywhere else [])
 
     def train_step(self, crops: list[torch.Tensor]) -> StepStats:
         """One optimisation step on ``crops`` = [global_1, global_2, local_1, ...] (each (B, 3, H, W))."""
@@ -241,10 +247,10 @@ class Trainer:
         else:
             self.optimizer.step()
         # the loss was finite, but the update may not be (a huge LR): check before the teacher takes it in
-        peak = all_reduce_mean(ckpt.peak_abs(self._student_params).reshape(1)).item()
-        if not math.isfinite(peak):
-            raise NonFiniteError(f"the update of iteration {it} (epoch {epoch}) made the student's weights "
-                                 f"non-finite (loss {loss_v}, lr {lr:.3g})")
+        bad = self._nonfinite(self._student_named)
+        if bad:
+            raise NonFiniteError(f"the update of iteration {it} (epoch {epoch}) made {len(bad)} of the student's "
+                                 f"weights non-finite (e.g. {bad[0]}; loss {loss_v}, lr {lr:.3g})")
 
         with torch.no_grad():  # teacher EMA over every parameter (frozen ones included, as official)
             torch._foreach_mul_(self._teacher_params, momentum)

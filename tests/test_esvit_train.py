@@ -235,8 +235,8 @@ def test_a_nonfinite_update_is_never_checkpointed(tmp_path, cache):
 
     out = tmp_path / "run"
     args = ("head.use_bn=true", "optim.lr=1e6", "optim.warmup_epochs=0", "train.save_every=1", "optim.epochs=2")
-    with pytest.raises(TrainingError, match=r"update of iteration 1 .* made the student's weights non-finite.*"
-                                            r"last good checkpoint .*checkpoint.pth \(epoch 0, step 1\) is kept"):
+    with pytest.raises(TrainingError, match=r"update of iteration 1 .* made \d+ of the student's weights non-finite"
+                                            r".*last good checkpoint .*checkpoint.pth \(epoch 0, step 1\) is kept"):
         pretrain(tiny_config(out, cache, *args))
     assert load_checkpoint(out / "checkpoint.pth")["iteration"] == 1
     assert _nonfinite_in(out / "checkpoint.pth") == []
@@ -245,6 +245,21 @@ def test_a_nonfinite_update_is_never_checkpointed(tmp_path, cache):
     atomic_save(state, out / "checkpoint.pth")
     with pytest.raises(CheckpointError, match=r"non-finite values in 1 tensors \(e.g. teacher.head.mlp.0.weight"):
         pretrain(tiny_config(out, cache, *args))
+
+
+def test_the_finiteness_check_is_exact():
+    """The fused check (a global 2-norm) overflows on huge finite weights: those are not called non-finite."""
+    part = {"model": {"arch": "swin_micro", "window_size": 4, "backend": "torch"},
+            "data": {"global_crop_size": 32, "local_crop_size": 16},
+            "head": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}, "optim": {"batch_size": 2}}
+    tr = Trainer(part, steps_per_epoch=2)
+    assert tr.nonfinite_state() == []
+    with torch.no_grad():
+        tr.student_module.head.mlp[0].weight[0, 0] = 1e30  # finite, but its square is not
+        assert tr.nonfinite_state() == []
+        tr.loss.region_center[0, 1] = float("nan")
+        tr.teacher.backbone.norm.bias[2] = -float("inf")
+    assert tr.nonfinite_state() == ["teacher.backbone.norm.bias", "loss.region_center"]
 
 
 def test_nonfinite_centers_are_never_checkpointed(tmp_path, cache, monkeypatch):
@@ -265,37 +280,6 @@ def test_nonfinite_centers_are_never_checkpointed(tmp_path, cache, monkeypatch):
         pretrain(tiny_config(out, cache, "optim.epochs=2", "train.save_every=1"))
     assert load_checkpoint(out / "checkpoint.pth")["iteration"] == 5
     assert _nonfinite_in(out / "checkpoint.pth") == []
-
-
-class _Killed(BaseException):
-    """Stands for a SIGKILL: nothing after it runs (finally blocks aside)."""
-
-
-def test_a_kill_before_the_epoch_checkpoint_leaves_no_stray_log_line(tmp_path, cache, monkeypatch):
-    """The epoch's line is written before its checkpoint; a run dying in between has one line more than its
-    checkpoint, and the resumption rewrites the log from the checkpoint (each epoch once, none lost)."""
-    import json
-
-    import esvit.checkpoint
-
-    save = esvit.checkpoint.atomic_save
-
-    def dies_at_epoch_2(state, path):
-        if state["epoch"] == 2 and state["step_in_epoch"] == 0:
-            raise _Killed
-        save(state, path)
-
-    out = tmp_path / "run"
-    monkeypatch.setattr(esvit.checkpoint, "atomic_save", dies_at_epoch_2)
-    with pytest.raises(_Killed):
-        pretrain(tiny_config(out, cache, "optim.epochs=3"))
-    monkeypatch.setattr(esvit.checkpoint, "atomic_save", save)
-    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 1
-    assert [json.loads(x)["epoch"] for x in (out / "log.jsonl").read_text().splitlines()] == [0, 1]
-    pretrain(tiny_config(out, cache, "optim.epochs=3"))
-    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    assert [x["epoch"] for x in lines] == [0, 1, 2]
-    assert load_checkpoint(out / "checkpoint.pth")["log"] == lines
 
 
 def test_a_fresh_run_starts_a_fresh_log(tmp_path, cache, capsys):
