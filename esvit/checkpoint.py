@@ -113,6 +113,8 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
     only while no other process writes into ``directory`` (``esvit pretrain`` holds the directory's lock)."""
     removed = []
     for p in Path(directory).glob(".*.tmp-*"):
+        if p.is_dir() and not p.is_symlink():  # not ours (e.g. a dataset generated in this directory)
+            continue
         p.unlink(missing_ok=True)
         removed.append(p)
     return removed

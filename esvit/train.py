@@ -303,6 +303,8 @@ def _check_resumable(old: dict, new: dict, old_world: int, new_world: int) -> li
     if old_gb != new_gb:
         raise ConfigError(f"the checkpoint was trained with a global batch of {old_gb}, this run has {new_gb} "
                           f"(batch_size x processes); keep the global batch to resume")
+    if old["data"]["path"] != new["data"]["path"]:
+        warnings.append(f"data.path changed {old['data']['path']} -> {new['data']['path']}: resuming on other data")
     if old["optim"]["epochs"] != new["optim"]["epochs"]:
         warnings.append(f"optim.epochs changed {old['optim']['epochs']} -> {new['optim']['epochs']}: the "
                         "schedules are recomputed for the new length")

@@ -310,7 +310,8 @@ def test_resuming_on_other_data(tmp_path, cache, capsys):
         pretrain(tiny_config(out, cache, "optim.epochs=2", f"data.path={tmp_path / 'fewer'}"))
     capsys.readouterr()
     summary = pretrain(tiny_config(out, cache, "optim.epochs=2", f"data.path={tmp_path / 'more'}"))
-    assert "the steps per epoch are the same, so it resumes" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "the steps per epoch are the same, so it resumes" in said and "resuming on other data" in said
     assert [(e["epoch"], e["iteration"]) for e in summary["epochs"]] == [(1, 8)]
     assert summary["epochs"][0]["lr"] > 0
     state = load_checkpoint(out / "checkpoint.pth")  # as an older version wrote it, without the data size
@@ -386,3 +387,14 @@ def test_atomic_save_reports_a_full_disk(tmp_path):
         atomic_save({"a": torch.randn(100_000)}, path)
     assert info.value.errno == errno.ENOSPC
     assert path.read_bytes() == before and not list(tmp_path.glob(".c.pth.tmp-*"))
+
+
+def test_remove_stale_temps_leaves_directories(tmp_path):
+    from esvit.checkpoint import remove_stale_temps
+
+    for name in (".checkpoint.pth.tmp-1", ".log.jsonl.tmp-2", ".write-test.tmp-3"):
+        (tmp_path / name).write_bytes(b"partial")
+    (tmp_path / ".embedded-v2-x.tmp-4").mkdir()  # someone's dataset in the making, not a write of ours
+    assert sorted(p.name for p in remove_stale_temps(tmp_path)) == [".checkpoint.pth.tmp-1", ".log.jsonl.tmp-2",
+                                                                    ".write-test.tmp-3"]
+    assert [p.name for p in tmp_path.iterdir()] == [".embedded-v2-x.tmp-4"]
