@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -25,8 +26,8 @@ from torch import nn
 
 from .errors import CheckpointError
 
-__all__ = ["FORMAT", "atomic_save", "get_rng_state", "keep_copy", "load_backbone", "load_checkpoint",
-           "remove_stale_temps", "set_rng_state"]
+__all__ = ["FORMAT", "atomic_save", "atomic_write", "get_rng_state", "keep_copy", "load_backbone", "load_checkpoint",
+           "global_norm", "named_tensors", "nonfinite", "remove_stale_temps", "set_rng_state"]
 
 FORMAT = "esvit-pretrain"
 VERSION = 1
@@ -45,13 +46,39 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file next to ``path``, fsync, rename over ``path``, fsync the directory."""
+class _WriteErrors:
+    """A binary file's ``write`` that remembers the OSError it raised: ``torch.save`` turns a failed write
+    (ENOSPC) into an opaque RuntimeError, and :func:`atomic_write` re-raises the real cause."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], Any]) -> None:
+    """``write(f)`` (``f`` has ``write(bytes)``) to a temp file next to ``path``, fsync, rename over ``path``,
+    fsync the directory: ``path`` is the old or the new file, never a partial one, whatever stops the process
+    when. A failed write (disk full) raises its OSError and leaves ``path`` as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            recorder = _WriteErrors(f)
+            try:
+                write(recorder)
+            except Exception:
+                if recorder.error is not None:
+                    raise recorder.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -59,6 +86,11 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` of ``obj`` to ``path`` with :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def keep_copy(path: str | os.PathLike, copy_path: str | os.PathLike) -> None:
@@ -77,12 +109,39 @@ def keep_copy(path: str | os.PathLike, copy_path: str | os.PathLike) -> None:
 
 
 def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
-    """Delete temp files left by writes that were killed; returns what was removed."""
+    """Delete the temp files of :func:`atomic_write` left by killed writes; returns what was removed. Call it
+    only while no other process writes into ``directory`` (``esvit pretrain`` holds the directory's lock)."""
     removed = []
-    for p in Path(directory).glob(".*.pth.tmp-*"):
+    for p in Path(directory).glob(".*.tmp-*"):
+        if p.is_dir() and not p.is_symlink():  # not ours (e.g. a dataset generated in this directory)
+            continue
         p.unlink(missing_ok=True)
         removed.append(p)
     return removed
+
+
+def named_tensors(obj: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of a nested dict / list (a state dict, an optimiser state) with a dotted name."""
+    if isinstance(obj, torch.Tensor):
+        return [(prefix, obj)]
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [nt for k, v in items for nt in named_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+
+
+def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all the floating-point ``tensors`` together, as a 0-d tensor: finite unless an element is
+    NaN or infinite -- or the squares overflow, which :func:`nonfinite` tells apart. One fused reduction
+    (``torch._foreach_norm``, as gradient clipping uses) and no host sync: checking a whole model for
+    non-finite values costs one ``.item()`` in the common case."""
+    floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
+    if not floats:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(floats)))
+
+
+def nonfinite(named: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating-point tensors of ``named`` that hold a NaN or an infinity."""
+    return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def get_rng_state() -> dict:

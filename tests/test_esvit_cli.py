@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -143,6 +144,8 @@ _KILL_DURING_SAVE = textwrap.dedent("""
 
 
 def test_sigkill_while_writing_checkpoint_resumes_from_previous(tmp_path, cache, capsys):
+    """A run killed mid-save: the previous checkpoint is intact; while it lived, a second run on its directory
+    was refused; once dead, its lock does not block the resumption."""
     out = tmp_path / "run"
     args = tiny_args(out, cache, "optim.epochs=2", "train.save_every=2")
     assert main(args[:] + ["optim.epochs=1"]) == 0  # first epoch: checkpoint.pth at epoch 1
@@ -155,6 +158,11 @@ def test_sigkill_while_writing_checkpoint_resumes_from_previous(tmp_path, cache,
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "the child never started writing a checkpoint"
         time.sleep(0.1)
+    # the stalled run holds the directory: a second run is refused, naming it
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"pretrain: error: .*/run is in use by another esvit pretrain \(pid {proc.pid} on "
+                     rf"{re.escape(socket.gethostname())}, started 20\d\d-", err), err
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert list(out.glob(".checkpoint.pth.tmp-*")), "a partial temp file was expected"
@@ -190,3 +198,79 @@ def test_demo_checks_its_arguments_before_any_work(tmp_path, capsys, extra, mess
         rc = exc.code
     assert rc == 2 and re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "demo").exists()
+
+
+_KILL_AT_EPOCH_END = textwrap.dedent("""
+    import os, signal, sys
+    import esvit.checkpoint as ckpt
+    save = ckpt.atomic_save
+    def dies(state, path):  # SIGKILL around the epoch-1 checkpoint, on one side or the other of its rename
+        if state["epoch"] == 1 and state["step_in_epoch"] == 0 and sys.argv[1] == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        save(state, path)
+        if state["epoch"] == 1 and state["step_in_epoch"] == 0 and sys.argv[1] == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+    ckpt.atomic_save = dies
+    from esvit.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_sigkill_at_the_epoch_checkpoint_loses_no_log_line(tmp_path, cache, capsys, when):
+    """SIGKILL just before / just after the epoch's checkpoint is renamed into place: every epoch of the
+    checkpoint is in log.jsonl, and the resumed run's log has each epoch exactly once."""
+    import json
+
+    out = tmp_path / "run"
+    args = tiny_args(out, cache, "optim.epochs=2", "train.save_every=2")
+    proc = subprocess.run([PYTHON, "-c", _KILL_AT_EPOCH_END, when, *args], env=subprocess_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    epochs = [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()]
+    state = load_checkpoint(out / "checkpoint.pth")
+    assert (state["epoch"], state["step_in_epoch"]) == ((1, 0) if when == "after" else (0, 2))
+    assert epochs == [0]  # the line of epoch 0 is written before its checkpoint
+    assert main(args) == 0
+    final = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in final] == [0, 1]
+    assert load_checkpoint(out / "checkpoint.pth")["log"] == final
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path, cache, capsys, monkeypatch):
+    """Files cannot be created in --output (root ignores permission bits, so EACCES is simulated): a one-line
+    error before the data (here missing) is looked at."""
+    import builtins
+    import errno
+    import io
+
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def refuse(real):
+        def opener(file, *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)) and Path(file).resolve().is_relative_to(out.resolve()):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+            return real(file, *args, **kwargs)
+        return opener
+
+    for mod, name in ((os, "open"), (builtins, "open"), (io, "open")):
+        monkeypatch.setattr(mod, name, refuse(getattr(mod, name)))
+    rc = main(tiny_args(out, cache, "--data", str(tmp_path / "missing")))
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"cannot write to the output directory {out} (Permission denied); pass a writable --output" in err
+
+
+@pytest.mark.parametrize("backend,message", [
+    ("cuda", "model.backend = 'cuda' cannot run here: window_attention: backend 'cuda' is unavailable"),
+    ("triton", "model.backend = 'triton' cannot run here: .*set TRITON_INTERPRET=1"),
+])
+def test_unavailable_backend_is_refused_before_the_data(tmp_path, cache, capsys, monkeypatch, backend, message):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rc = main(tiny_args(tmp_path / "out", cache, "--data", str(tmp_path / "missing"), "--backend", backend))
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "does not exist" not in err, err
+    assert re.search(message, err), err
+    assert "use --backend auto (or torch)" in err

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+
 import pytest
 import torch
 
@@ -214,3 +218,183 @@ def test_trainer_from_a_partial_config():
     assert tr.train_step(_crops(b=2)).loss > 0
     with pytest.raises(ConfigError, match="unknown config key optim.bs"):
         Trainer({"optim": {"bs": 2}}, steps_per_epoch=2)
+
+
+def _nonfinite_in(path) -> list[str]:
+    from esvit.checkpoint import named_tensors, nonfinite
+
+    state = load_checkpoint(path)
+    return nonfinite(named_tensors({k: state[k] for k in ("student", "teacher", "optimizer", "loss")}))
+
+
+def test_a_nonfinite_update_is_never_checkpointed(tmp_path, cache):
+    """The issue's repro: lr=1e6 checkpointed NaN weights (the loss, computed before the update, was still
+    finite). The update is checked; the last good checkpoint stays; an old NaN checkpoint is refused."""
+    from esvit.checkpoint import atomic_save
+    from esvit.errors import CheckpointError
+
+    out = tmp_path / "run"
+    args = ("head.use_bn=true", "optim.lr=1e6", "optim.warmup_epochs=0", "train.save_every=1", "optim.epochs=2")
+    with pytest.raises(TrainingError, match=r"update of iteration 1 .* made \d+ of the student's weights non-finite"
+                                            r".*last good checkpoint .*checkpoint.pth \(epoch 0, step 1\) is kept"):
+        pretrain(tiny_config(out, cache, *args))
+    assert load_checkpoint(out / "checkpoint.pth")["iteration"] == 1
+    assert _nonfinite_in(out / "checkpoint.pth") == []
+    state = load_checkpoint(out / "checkpoint.pth")  # as an older version wrote it
+    state["teacher"]["head.mlp.0.weight"][0, 0] = float("nan")
+    atomic_save(state, out / "checkpoint.pth")
+    with pytest.raises(CheckpointError, match=r"non-finite values in 1 tensors \(e.g. teacher.head.mlp.0.weight"):
+        pretrain(tiny_config(out, cache, *args))
+
+
+def test_the_finiteness_check_is_exact():
+    """The fused check (a global 2-norm) overflows on huge finite weights: those are not called non-finite."""
+    part = {"model": {"arch": "swin_micro", "window_size": 4, "backend": "torch"},
+            "data": {"global_crop_size": 32, "local_crop_size": 16},
+            "head": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}, "optim": {"batch_size": 2}}
+    tr = Trainer(part, steps_per_epoch=2)
+    assert tr.nonfinite_state() == []
+    with torch.no_grad():
+        tr.student_module.head.mlp[0].weight[0, 0] = 1e30  # finite, but its square is not
+        assert tr.nonfinite_state() == []
+        tr.loss.region_center[0, 1] = float("nan")
+        tr.teacher.backbone.norm.bias[2] = -float("inf")
+    assert tr.nonfinite_state() == ["teacher.backbone.norm.bias", "loss.region_center"]
+
+
+def test_nonfinite_centers_are_never_checkpointed(tmp_path, cache, monkeypatch):
+    """The centers (and optimiser state, teacher) are checked before every save, not only the student."""
+    calls = {"n": 0}
+    update = esvit.losses.EsViTLoss.update_centers
+
+    def poisoned(self, *args):
+        update(self, *args)
+        calls["n"] += 1
+        if calls["n"] == 6:  # the step of iteration 5 (epoch 1, step 2)
+            self.center[0, 3] = float("inf")
+
+    monkeypatch.setattr(esvit.losses.EsViTLoss, "update_centers", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"1 tensors .* non-finite at iteration 6 \(e.g. loss.center\); nothing "
+                                            r"was saved.*checkpoint.pth \(epoch 1, step 1\) is kept"):
+        pretrain(tiny_config(out, cache, "optim.epochs=2", "train.save_every=1"))
+    assert load_checkpoint(out / "checkpoint.pth")["iteration"] == 5
+    assert _nonfinite_in(out / "checkpoint.pth") == []
+
+
+def test_a_fresh_run_starts_a_fresh_log(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    pretrain(tiny_config(out, cache, "optim.epochs=1"))
+    old = (out / "log.jsonl").read_text()
+    (out / "checkpoint.pth").unlink()  # what the error on a changed configuration advises
+    pretrain(tiny_config(out, cache, "optim.epochs=1", "optim.lr=0.001"))
+    assert "the earlier log.jsonl is kept as log.jsonl.1" in capsys.readouterr().out
+    assert (out / "log.jsonl.1").read_text() == old
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_resuming_on_other_data(tmp_path, cache, capsys):
+    """Data whose size changes the steps per epoch is refused (the checkpoint's epoch, step and schedule
+    positions would not fit); another size with the same steps per epoch resumes, with a warning."""
+    import esvit.checkpoint
+    from esvit.data import make_dataset
+    from esvit.errors import ConfigError
+
+    for name, n in (("a", 64), ("fewer", 48), ("more", 70)):
+        make_dataset(tmp_path / name, n, 4, image_size=48)
+    out = tmp_path / "run"
+    pretrain(tiny_config(out, cache, "optim.epochs=1", f"data.path={tmp_path / 'a'}"))
+    message = (r"trained on 64 images \(4 steps per epoch at a global batch of 16\); .*fewer has 48 images \(3 steps "
+               r"per epoch\).*resume with the data it was trained on")
+    with pytest.raises(ConfigError, match=message):
+        pretrain(tiny_config(out, cache, "optim.epochs=2", f"data.path={tmp_path / 'fewer'}"))
+    capsys.readouterr()
+    summary = pretrain(tiny_config(out, cache, "optim.epochs=2", f"data.path={tmp_path / 'more'}"))
+    said = capsys.readouterr().out
+    assert "the steps per epoch are the same, so it resumes" in said and "resuming on other data" in said
+    assert [(e["epoch"], e["iteration"]) for e in summary["epochs"]] == [(1, 8)]
+    assert summary["epochs"][0]["lr"] > 0
+    state = load_checkpoint(out / "checkpoint.pth")  # as an older version wrote it, without the data size
+    del state["dataset_size"], state["steps_per_epoch"]
+    esvit.checkpoint.atomic_save(state, out / "checkpoint.pth")
+    with pytest.raises(ConfigError, match=r"trained on data of another size .* has 48 images \(3 steps per epoch\)"):
+        pretrain(tiny_config(out, cache, "optim.epochs=3", f"data.path={tmp_path / 'fewer'}"))
+
+
+class _FillsUp:
+    """A file whose disk fills up after ``room`` bytes (ENOSPC from its write, as a full disk gives)."""
+
+    def __init__(self, f, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_disk_full_during_a_save(tmp_path, cache, capsys, monkeypatch):
+    """ENOSPC while writing the second checkpoint: a one-line error saying the previous one is intact (torch.save
+    turns the failed write into an opaque RuntimeError; the OSError is what is reported)."""
+    import builtins
+
+    import esvit.checkpoint
+    from esvit.cli import main
+    from tests.esvit_helpers import tiny_args
+
+    opened = []
+
+    def open_on_a_filling_disk(file, mode="r", *args, **kwargs):
+        f = builtins.open(file, mode, *args, **kwargs)  # noqa: SIM115 (closed by the caller)
+        if ".checkpoint.pth.tmp-" in str(file):
+            opened.append(file)
+            return _FillsUp(f, 10_000) if len(opened) == 2 else f
+        return f
+
+    monkeypatch.setattr(esvit.checkpoint, "open", open_on_a_filling_disk, raising=False)
+    out = tmp_path / "run"
+    assert main(tiny_args(out, cache, "optim.epochs=2")) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(r"cannot write .*checkpoint.pth: No space left on device; the previous checkpoint "
+                     r".*checkpoint.pth \(epoch 1, step 0\) is kept", err), err
+    monkeypatch.undo()
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 1
+    assert not list(out.glob(".*.tmp-*"))
+
+
+def test_atomic_save_reports_a_full_disk(tmp_path):
+    """A real ENOSPC (the temp file is /dev/full): an OSError, the old file intact, no temp file left."""
+    from esvit.checkpoint import atomic_save
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    path = tmp_path / "c.pth"
+    atomic_save({"a": torch.ones(3)}, path)
+    before = path.read_bytes()
+    (tmp_path / f".c.pth.tmp-{os.getpid()}").symlink_to("/dev/full")
+    with pytest.raises(OSError) as info:
+        atomic_save({"a": torch.randn(100_000)}, path)
+    assert info.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before and not list(tmp_path.glob(".c.pth.tmp-*"))
+
+
+def test_remove_stale_temps_leaves_directories(tmp_path):
+    from esvit.checkpoint import remove_stale_temps
+
+    for name in (".checkpoint.pth.tmp-1", ".log.jsonl.tmp-2", ".write-test.tmp-3"):
+        (tmp_path / name).write_bytes(b"partial")
+    (tmp_path / ".embedded-v2-x.tmp-4").mkdir()  # someone's dataset in the making, not a write of ours
+    assert sorted(p.name for p in remove_stale_temps(tmp_path)) == [".checkpoint.pth.tmp-1", ".log.jsonl.tmp-2",
+                                                                    ".write-test.tmp-3"]
+    assert [p.name for p in tmp_path.iterdir()] == [".embedded-v2-x.tmp-4"]

@@ -14,7 +14,8 @@ kernels of esvit_kernels (--backend torch switches to the eager reference for co
 
 Configuration: defaults <- --config YAML <- section.key=value arguments <- the flags below. Outputs go
 to --output: config.yaml, log.jsonl (one JSON line per epoch), checkpoint.pth (written atomically every
-epoch and every --save-every steps; running the same command again resumes from it).
+epoch and every --save-every steps; running the same command again resumes from it). One run per --output
+at a time: a second one is refused.
 
 Examples:
   esvit pretrain --config configs/demo_cpu.yaml --data embedded --output runs/demo

@@ -22,6 +22,7 @@ Layout: ``DIR/train/<class>/<class>_<index>.png`` (and ``DIR/val/...`` with ``va
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -315,8 +316,11 @@ def ensure_embedded(cache_dir: str | os.PathLike, num_images: int, num_classes: 
                     seed: int = 0, progress: bool = False, kind: str = "textures") -> Path:
     """The embedded dataset's directory under ``cache_dir``, generated on first use.
 
-    Generated into a private temporary directory and renamed into place, so concurrent processes (ranks)
-    never see a half-written dataset; a loser of the race discards its copy (the content is identical).
+    Generated into a private temporary directory and renamed into place, so no process ever sees a
+    half-written dataset. A generator holds an exclusive lock on ``cache_dir`` (``flock``; the kernel
+    drops it when the process dies): a concurrent caller waits, then uses the dataset it finds, and the
+    lock holder deletes the temporary directories it finds -- no live generator can own them, so they
+    are left by killed ones.
     """
     _check_args(num_images, num_classes, image_size, 0.0, kind)
     cache = Path(cache_dir)
@@ -325,17 +329,38 @@ def ensure_embedded(cache_dir: str | os.PathLike, num_images: int, num_classes: 
         return final
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        fd = os.open(cache, os.O_RDONLY)
     except OSError as exc:
-        raise DataError(f"cannot create the embedded dataset under {cache} ({exc}); set data.cache_dir or "
-                        "$ESVIT_CACHE to a writable directory") from exc
-    _write(tmp, num_images, num_classes, image_size, seed, 0.0, kind, progress)
+        raise _unwritable(cache, exc) from exc
     try:
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / META_FILE).exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits while another process generates a dataset here
+            locked = True
+        except OSError:  # a filesystem without directory locks: other processes' temp directories are kept
+            locked = False
+        if (final / META_FILE).exists():
+            return final
+        if locked:
+            for stale in cache.glob(".embedded-*.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = cache / f".{final.name}.tmp-{os.getpid()}"
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as exc:
+            raise _unwritable(cache, exc) from exc
+        _write(tmp, num_images, num_classes, image_size, seed, 0.0, kind, progress)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / META_FILE).exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        os.close(fd)
     return final
+
+
+def _unwritable(cache: Path, exc: OSError) -> DataError:
+    return DataError(f"cannot create the embedded dataset under {cache} ({exc}); set data.cache_dir or $ESVIT_CACHE "
+                     "to a writable directory")
