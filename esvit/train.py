@@ -471,6 +471,14 @@ def _write_error(exc: OSError, path: Path, kept: str) -> TrainingError:
                          "run the same command again to resume")
 
 
+def enable_determinism() -> None:
+    """``torch.use_deterministic_algorithms(True)``. On a GPU, cuBLAS is deterministic only with a fixed
+    workspace, which ``CUBLAS_WORKSPACE_CONFIG`` must choose before cuBLAS is first used in the process (else
+    the first matmul raises); a value the user set is kept."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 def _pretrain(cfg: dict, env: DistEnv) -> dict:
     import yaml
     from tqdm import tqdm
@@ -478,7 +486,7 @@ def _pretrain(cfg: dict, env: DistEnv) -> dict:
     t, o = cfg["train"], cfg["optim"]
     out = Path(t["output"])
     if t["deterministic"]:
-        torch.use_deterministic_algorithms(True)
+        enable_determinism()
     root = resolve_data_root(cfg, env)
     dataset, sampler, loader = build_loader(cfg, env, root)
     spe = sampler.steps_per_epoch

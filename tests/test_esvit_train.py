@@ -398,3 +398,19 @@ def test_remove_stale_temps_leaves_directories(tmp_path):
     assert sorted(p.name for p in remove_stale_temps(tmp_path)) == [".checkpoint.pth.tmp-1", ".log.jsonl.tmp-2",
                                                                     ".write-test.tmp-3"]
     assert [p.name for p in tmp_path.iterdir()] == [".embedded-v2-x.tmp-4"]
+
+
+def test_determinism_sets_the_cublas_workspace_first(monkeypatch):
+    """train.deterministic on a GPU: cuBLAS raises at the first matmul unless CUBLAS_WORKSPACE_CONFIG is set
+    before its first use; enable_determinism sets it (keeping a user's value) before turning determinism on."""
+    from esvit.train import enable_determinism
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        enable_determinism()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and torch.are_deterministic_algorithms_enabled()
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        enable_determinism()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
