@@ -136,7 +136,14 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
     if not floats:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(floats)))
+    # one group per device (an optimiser's step counters stay on the CPU next to CUDA weights) and dtype
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in floats:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    target = next((dev for dev, _ in groups if dev.type != "cpu"), floats[0].device)
+    parts = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(ts)).float()).to(target)
+             for ts in groups.values()]
+    return torch.linalg.vector_norm(torch.stack(parts))
 
 
 def nonfinite(named: list[tuple[str, torch.Tensor]]) -> list[str]:

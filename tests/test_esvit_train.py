@@ -262,6 +262,19 @@ def test_the_finiteness_check_is_exact():
     assert tr.nonfinite_state() == ["teacher.backbone.norm.bias", "loss.region_center"]
 
 
+def test_global_norm_mixes_dtypes_and_devices():
+    """Optimiser step counters (CPU, fp32) sit next to the weights (CUDA on a GPU, fp32 / bf16): the norm
+    groups them (the first GPU run failed at the first save with 'Expected all tensors to be on the same
+    device' from one torch.stack over every tensor's norm)."""
+    from esvit.checkpoint import global_norm
+
+    ts = [torch.full((3,), 2.0), torch.full((4,), 1.0, dtype=torch.bfloat16), torch.tensor(5.0, dtype=torch.float64)]
+    want = (3 * 4.0 + 4 * 1.0 + 25.0) ** 0.5
+    assert abs(global_norm(ts).item() - want) < 1e-5
+    if torch.cuda.is_available():
+        assert abs(global_norm([t.cuda() if i else t for i, t in enumerate(ts)]).item() - want) < 1e-5
+
+
 def test_nonfinite_centers_are_never_checkpointed(tmp_path, cache, monkeypatch):
     """The centers (and optimiser state, teacher) are checked before every save, not only the student."""
     calls = {"n": 0}
