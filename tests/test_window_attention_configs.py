@@ -28,7 +28,8 @@ WIDE = {
 
 def test_tile_config_chunks_large_windows():
     assert wa.tile_config((7, 7), 32, torch.bfloat16)["BK_FWD"] == 64  # TILE 64: one block
-    assert wa.tile_config((14, 14), 128, torch.bfloat16)["BK_FWD"] == 64  # TILE 256: 4 chunks of 64 keys
+    assert wa.tile_config((14, 14), 32, torch.bfloat16)["BK_FWD"] == 256  # TILE 256, hd <= 64: whole tile
+    assert wa.tile_config((14, 14), 128, torch.bfloat16)["BK_FWD"] == 64  # TILE 256, hd 128: 4 chunks of 64
     assert wa.tile_config((14, 14), 64, torch.float32)["BQ_BWD"] == 64
     assert wa.tile_config((9, 9), 64, torch.float32)["BK_BWD"] == 32  # TILE 128
     assert wa.tile_config((14, 14), 16, torch.bfloat16)["HD_PAD"] == 32  # hd 16 padded on large tiles

@@ -477,12 +477,13 @@ def tile_config(window: tuple[int, int], head_dim: int, dtype: torch.dtype = tor
     132-SM grid, ``python -m esvit_kernels._triton.aot``; docs/kernel_notes.md has the tables):
 
     * TILE 64 (windows up to 8x8): the whole tile in one block, several small windows packed per tile.
-    * TILE >= 128 (windows 9x9 to 16x16), and fp32 at head_dim > 32: the keys (forward, dQ) and queries
-      (dK/dV) are walked in 4 chunks of TILE // 4. Holding a whole 256-row K/V tile needs 59-62 KB of shared
-      memory and 177-218 registers at head_dim 32 in bf16 (one block per SM), spills at head_dim 128 (bf16)
-      and in fp32, and double-buffered at head_dim 128 in fp32 it needs ~300 KB, more than a Hopper block
-      has; in chunks the same kernels need 10-29 KB and 80-128 registers with no spills. Head dims below 32
-      are padded to 32 there (at 16 the compiler spills 3-4 KB per thread in the backward).
+    * TILE >= 128 (windows 9x9 to 16x16) in fp16/bf16 at head_dim <= 64: the whole tile, 16-row query
+      blocks (177-252 registers, 59-97 KB of shared memory, one block per SM, no spills); head dims below
+      32 are padded to 32 (at 16 the compiler spills 3-4 KB per thread in the backward).
+    * TILE >= 128 in fp32 or at head_dim 128, and fp32 at head_dim > 32: the keys (forward, dQ) and queries
+      (dK/dV) are walked in 4 chunks of TILE // 4. Whole, these tiles spill (72 B at head_dim 128 in bf16,
+      up to 4 KB in fp32) and, double-buffered at head_dim 128 in fp32, need ~300 KB, more than a Hopper
+      block has; in chunks they need 11-53 KB and 80-128 registers with no spills.
 
     Block sizes and warps are not yet tuned on a GPU. :func:`launch_candidates` lists the fallback (one
     pipeline stage) tried when a configuration does not fit the device's shared memory.
@@ -497,9 +498,13 @@ def tile_config(window: tuple[int, int], head_dim: int, dtype: torch.dtype = tor
     # operands for the fused backward: those use the split backward with small blocks
     fused = tile <= 64 and dtype != torch.float32 and hd_pad <= 32
     small = tile if fused else 16
-    # walk keys / queries in 4 chunks on large tiles, and in fp32 at head_dim > 32 (whole 64-row fp32 tiles
-    # at head_dim 128 spill up to 4 KB per thread in the backward; in chunks of 16: <= 8 B)
-    chunked = tile >= 128 or (dtype == torch.float32 and hd_pad >= 64)
+    # walk keys / queries in 4 chunks where a whole tile does not fit registers and shared memory: large
+    # tiles in fp32 or at head_dim > 64, and fp32 at head_dim > 32 (whole 64-row fp32 tiles at head_dim 128
+    # spill up to 4 KB per thread in the backward; in chunks of 16: <= 8 B). Large half-precision tiles at
+    # head_dim <= 64 stay whole: on an H200 the kernels cost ~4 us per loop iteration whatever its size, and
+    # chunks of 64 keys against 16-row query blocks made Swin-B W14 4x more iterations (7.8 ms forward).
+    fp32 = dtype == torch.float32
+    chunked = (tile >= 128 and (fp32 or hd_pad >= 128)) or (fp32 and hd_pad >= 64)
     chunk = tile // 4 if chunked else tile
     return {
         "N": n, "G": g, "TILE": tile, "FUSED": fused,
