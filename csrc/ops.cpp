@@ -11,6 +11,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mean.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -93,6 +94,12 @@ void check_smem(int64_t bytes, const char* what) {
 }
 
 void* stream_ptr() { return static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()); }
+
+// The bias-table / pad-vector gradient: sums over all windows, so zeros when there are none (B = 0: the
+// kernels do not run); otherwise the kernels write every entry.
+Tensor grad_sum_buffer(at::IntArrayRef sizes, int bw, const at::TensorOptions& options) {
+  return bw == 0 ? at::zeros(sizes, options) : at::empty(sizes, options);
+}
 
 // Common map-layout arguments of swa_fwd / swa_bwd.
 WinArgs map_args(const Tensor& qkv, const Tensor& bias32, const Tensor& pad, int64_t heads, int64_t wh, int64_t ww,
@@ -178,8 +185,9 @@ std::tuple<Tensor, Tensor, Tensor> swa_bwd(const Tensor& dout_in, const Tensor& 
               ", ", a.N, "), got ", lse.sizes());
   const bool want_dbias = need_dbias && bias32.defined();
   Tensor dqkv = at::empty_like(qkv);
-  Tensor dbias = want_dbias ? at::empty(bias32.sizes(), bias32.options()) : at::empty({0}, lse.options());
-  Tensor dpad = need_dpad ? at::empty({qkv.size(3)}, lse.options()) : at::empty({0}, lse.options());
+  const Tensor none = at::empty({0}, lse.options());
+  Tensor dbias = want_dbias ? grad_sum_buffer(bias32.sizes(), a.bw, bias32.options()) : none;
+  Tensor dpad = need_dpad ? grad_sum_buffer({qkv.size(3)}, a.bw, lse.options()) : none;
   a.out_c = out.data_ptr();
   a.dout = dout.data_ptr();
   a.dqkv = dqkv.data_ptr();
@@ -302,7 +310,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> wa_bwd(const Tensor& dout_in, const T
   TORCH_CHECK(lse.numel() == (int64_t)a.bw * a.heads * a.N, "lse must be (B*nW, heads, N), got ", lse.sizes());
   const bool want_dbias = need_dbias && bias32.defined();
   Tensor dq = windows_layout(q), dk = windows_layout(q), dv = windows_layout(q);
-  Tensor dbias = want_dbias ? at::empty(bias32.sizes(), bias32.options()) : at::empty({0}, lse.options());
+  Tensor dbias = want_dbias ? grad_sum_buffer(bias32.sizes(), a.bw, bias32.options())
+                            : at::empty({0}, lse.options());
   a.out_c = out.data_ptr();
   set_strides(a.soc, out);
   a.dout = dout.data_ptr();

@@ -6,7 +6,9 @@
 // w, w+8, w+16, w+24 of the block and lane l teacher token l of the tile, so each tile ends in a warp
 // argmax (shuffles) merged into a running best kept in registers. The B x Ts x Tt similarity matrix is
 // never stored. Ties go to the lowest teacher index: within a tile the shuffle reduction prefers the lower
-// index on equal values, across tiles only a strictly larger value replaces the best. The student norm is
+// index on equal values, across tiles only a strictly larger value replaces the best. A NaN similarity
+// counts as +inf: it wins, lowest index first, as NaN does in torch.max and in every backend. The student
+// norm is
 // a positive per-row constant and does not change the argmax, so only teacher rows are normalised
 // (1 / max(|t|, 1e-12), as F.normalize).
 #include <cuda_runtime.h>
@@ -63,7 +65,10 @@ __global__ void __launch_bounds__(kThreads)
     const int j = j0 + lane;
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-      float v = j < Tt ? acc[r] * inv : -INFINITY;
+      const float c = acc[r] * inv;
+      // a NaN similarity wins, as in torch.max; so does +-inf (an inf student feature: the reference's cosine
+      // is NaN, this one skips the student norm)
+      float v = j < Tt ? (isfinite(c) ? c : INFINITY) : -INFINITY;
       int idx = j < Tt ? j : INT_MAX;
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) {

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include "online_lse.h"
 #include "window_attention.cuh"
 
 namespace esvit {
@@ -110,7 +111,7 @@ __global__ void __launch_bounds__(kMaxRows) window_attention_fwd_kernel(const Wi
         for (int d = 0; d < HD; ++d) acc[d] *= corr;
         m = s;
       }
-      const float p = s == -INFINITY ? 0.f : exp2f(s - m);  // a -inf logit (user mask) weighs 0
+      const float p = softmax_weight(s, m);  // a -inf logit (user mask) weighs 0
       l += p;
       const float4* vr = reinterpret_cast<const float4*>(Vs + kk * HD);
 #pragma unroll
@@ -125,10 +126,10 @@ __global__ void __launch_bounds__(kMaxRows) window_attention_fwd_kernel(const Wi
   }
 
   if (!active) return;
-  a.lse[((int64_t)w * a.heads + h) * N + i] = (m + log2f(l)) * kLn2;
+  a.lse[((int64_t)w * a.heads + h) * N + i] = softmax_lse2(m, l) * kLn2;  // +inf: every key masked
   const int pix = tt.pix[i];
   if (a.map && pix < 0) return;  // padding token: output discarded
-  const float inv = 1.f / l;
+  const float inv = softmax_out_scale(l);  // 0 when every key is masked
 #pragma unroll
   for (int d = 0; d < HD; ++d) acc[d] *= inv;
   T* dst = static_cast<T*>(a.out) + out_row(a, a.so, w, h, i, pix);

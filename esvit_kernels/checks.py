@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CENTER_DTYPES = FLOAT_DTYPES + (torch.float64,)  # a loss center: a constant, read in float32 by every backend
 
 
 def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -19,14 +20,24 @@ def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
 
 
 def check_tensor(
-    x: torch.Tensor, name: str, *, ndim: int | None = None, float_dtype: bool = True
+    x: torch.Tensor, name: str, *, ndim: int | None = None, float_dtype: bool = True,
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
 ) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
-    if float_dtype and x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if float_dtype and x.dtype not in dtypes:
+        names = [str(d).removeprefix("torch.") for d in dtypes]
+        raise TypeError(f"{name} must be {', '.join(names[:-1])} or {names[-1]}, got {x.dtype}")
+
+
+def check_sizes(op: str, what: str, hint: str = "", **sizes: int) -> None:
+    """Every given size >= 1, else one ValueError naming the empty ones (an op that cannot mean anything on
+    an empty input says so instead of dividing by zero or returning NaN)."""
+    empty = [f"{k}={v}" for k, v in sizes.items() if v < 1]
+    if empty:
+        raise ValueError(f"{op} needs {what}, got {', '.join(empty)}" + (f"; {hint}" if hint else ""))
 
 
 def check_same(tensors: dict[str, torch.Tensor | None], *, dtype: bool = True) -> None:

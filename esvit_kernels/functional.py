@@ -11,7 +11,7 @@ import torch
 
 from . import reference
 from .backends import backend_name
-from .checks import check_same, check_temperature, check_tensor, pair
+from .checks import CENTER_DTYPES, check_same, check_sizes, check_temperature, check_tensor, pair
 from .ops import losses as _loss_ops
 from .ops import window_attention as _window_ops
 
@@ -81,6 +81,11 @@ def window_attention(
     Returns:
         (B*nW, heads, N, head_dim) in q's dtype (fused backends return a view of a (B*nW, N, heads,
         head_dim) buffer so ``out.transpose(1, 2).reshape(B*nW, N, C)`` is free).
+
+    Every backend: windows are independent (a NaN/inf in one window's q, k, v or mask reaches only that
+    window's outputs and gradients, as in the eager reference; the bias-table gradient sums all windows);
+    a query whose logits are all -inf (its mask hides every key) gets output 0 and zero gradients, as in
+    PyTorch's SDPA math path; B*nW = 0 gives an empty output; 0 heads or head_dim 0 is a ValueError.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(t, name, ndim=4)
@@ -89,6 +94,8 @@ def window_attention(
     check_same({"q": q, "k": k, "v": v})
     ws, _ = _check_window(window_size)
     bw, heads, n, hd = q.shape
+    check_sizes("window_attention", "heads >= 1 and head_dim >= 1 in q, k, v (B*nW, heads, N, head_dim)",
+                heads=heads, head_dim=hd)
     if n != ws[0] * ws[1]:
         raise ValueError(f"q has N={n} tokens per window but window {ws} has {ws[0] * ws[1]}")
     _check_bias_table(bias_table, ws, heads, q)
@@ -140,7 +147,8 @@ def shifted_window_attention(
             True = timm's order (roll the unpadded map, then pad).
 
     Returns:
-        (B, H, W, C) in qkv's dtype.
+        (B, H, W, C) in qkv's dtype. Windows are independent as in :func:`window_attention` (a NaN pad_qkv
+        reaches the windows that hold padding); B = 0 gives an empty output, H, W or head_dim 0 a ValueError.
     """
     check_tensor(qkv, "qkv", ndim=4)
     ws, ss = _check_window(window_size, shift_size)
@@ -149,8 +157,8 @@ def shifted_window_attention(
     b, h, w, c3 = qkv.shape
     if c3 % (3 * num_heads) != 0:
         raise ValueError(f"qkv's last dim ({c3}) must be 3 * num_heads * head_dim with num_heads={num_heads}")
-    if min(b, h, w) < 1:
-        raise ValueError(f"qkv must be non-empty, got shape {tuple(qkv.shape)}")
+    check_sizes("shifted_window_attention", "H, W >= 1 and head_dim = C / num_heads >= 1 in qkv (B, H, W, 3C)",
+                H=h, W=w, head_dim=c3 // (3 * num_heads))
     _check_bias_table(bias_table, ws, num_heads, qkv)
     if pad_qkv is not None:
         check_tensor(pad_qkv, "pad_qkv", ndim=1)
@@ -186,8 +194,12 @@ def region_match(
     """For each student region token, the index of the most cosine-similar teacher token.
 
     student_feats (B, Ts, D), teacher_feats (B, Tt, D), one dtype -> LongTensor (B, Ts). Ties (equal
-    similarities, e.g. duplicate teacher tokens) resolve to the lowest teacher index. No gradient flows
-    through the matching. The fused backends never write the B x Ts x Tt similarity matrix.
+    similarities, e.g. duplicate teacher tokens) resolve to the lowest teacher index. A NaN similarity wins,
+    as NaN does in ``torch.max`` (lowest index first; a token whose similarities are all NaN gets 0): the
+    result is always in [0, Tt), and a NaN feature reaches the loss as a non-finite value instead of being
+    matched around or becoming a bad index. No gradient flows through the matching. The fused backends
+    never write the B x Ts x Tt similarity matrix. B = 0 or Ts = 0 gives an empty result; Tt = 0 or D = 0
+    is a ValueError.
     """
     check_tensor(student_feats, "student_feats", ndim=3)
     check_tensor(teacher_feats, "teacher_feats", ndim=3)
@@ -195,17 +207,25 @@ def region_match(
     if student_feats.shape[0] != teacher_feats.shape[0] or student_feats.shape[2] != teacher_feats.shape[2]:
         raise ValueError(f"student_feats (B, Ts, D) and teacher_feats (B, Tt, D) must agree on B and D, got "
                          f"{tuple(student_feats.shape)} and {tuple(teacher_feats.shape)}")
+    check_sizes("region_match", "Tt >= 1 teacher tokens and D >= 1 features in teacher_feats (B, Tt, D)",
+                Tt=teacher_feats.shape[1], D=teacher_feats.shape[2])
     fn = _loss_op("region_match", backend, student_feats.device)
     if fn is None:
         return reference.region_match(student_feats.detach(), teacher_feats.detach())
     return fn(student_feats.detach(), teacher_feats.detach())
 
 
-def _check_center(center: torch.Tensor, k: int, ref: torch.Tensor) -> None:
-    check_tensor(center, "center")
+_EMPTY_MEAN = "the loss of an empty input is undefined: skip the call for it"
+
+
+def _check_center(center: torch.Tensor, k: int, ref: torch.Tensor) -> torch.Tensor:
+    """The center as the backends take it: any float dtype, float64 made float32 here (every backend reads
+    the center in float32, so this changes no result)."""
+    check_tensor(center, "center", dtypes=CENTER_DTYPES)
     if center.numel() != k or center.dim() not in (1, 2) or (center.dim() == 2 and center.shape[0] != 1):
         raise ValueError(f"center must have shape ({k},) or (1, {k}), got {tuple(center.shape)}")
     check_same({"logits": ref, "center": center}, dtype=False)
+    return center.float() if center.dtype == torch.float64 else center
 
 
 def _check_match_range(match_index: torch.Tensor, tt: int) -> None:
@@ -242,6 +262,8 @@ def region_loss(
     mean over (b, i) of -sum_k softmax((t[b, m[b, i]] - center) / teacher_temp)_k
     * log_softmax(s[b, i] / student_temp)_k; student (B, Ts, K), teacher (B, Tt, K) of one dtype, match
     (B, Ts) int32/int64 in [0, Tt), center (K,) or (1, K) of any float dtype; temperatures > 0.
+    B, Ts, Tt and K must be >= 1 (a mean over no token is undefined: ValueError). A NaN in the inputs gives
+    a NaN loss.
     """
     check_tensor(student_logits, "student_logits", ndim=3)
     check_tensor(teacher_logits, "teacher_logits", ndim=3)
@@ -254,7 +276,9 @@ def region_loss(
         raise TypeError(f"match_index must be int64 or int32, got {match_index.dtype}")
     check_same({"student_logits": student_logits, "teacher_logits": teacher_logits})
     check_same({"student_logits": student_logits, "match_index": match_index}, dtype=False)
-    _check_center(center, k, student_logits)
+    check_sizes("region_loss", "B, Ts, Tt, K >= 1 in student_logits (B, Ts, K) and teacher_logits (B, Tt, K)",
+                _EMPTY_MEAN, B=b, Ts=ts, Tt=teacher_logits.shape[1], K=k)
+    center = _check_center(center, k, student_logits)
     student_temp = check_temperature(student_temp, "student_temp")
     teacher_temp = check_temperature(teacher_temp, "teacher_temp")
     _check_match_range(match_index, teacher_logits.shape[1])
@@ -278,7 +302,8 @@ def dino_loss(
     """EsViT/DINO view loss L_V: student (S, B, K) crops, teacher (T, B, K) global crops of the same dtype
     (the first T student crops are the same views); mean over pairs (t, v != t) of the batch-mean
     cross-entropy. With ``return_teacher_mean`` also returns the (1, K) float32 mean of the T*B teacher
-    rows (the view center's batch statistic; the fused backend gets it from the loss's own pass)."""
+    rows (the view center's batch statistic; the fused backend gets it from the loss's own pass). B = 0 or
+    K = 0 is a ValueError."""
     check_tensor(student_logits, "student_logits", ndim=3)
     check_tensor(teacher_logits, "teacher_logits", ndim=3)
     s, b, k = student_logits.shape
@@ -288,7 +313,8 @@ def dino_loss(
     if t < 1 or s < 1 or t * s - min(t, s) < 1:
         raise ValueError(f"need at least one (teacher, student) pair with different crops, got T={t}, S={s}")
     check_same({"student_logits": student_logits, "teacher_logits": teacher_logits})
-    _check_center(center, k, student_logits)
+    check_sizes("dino_loss", "B, K >= 1 in the logits (S, B, K) and (T, B, K)", _EMPTY_MEAN, B=b, K=k)
+    center = _check_center(center, k, student_logits)
     student_temp = check_temperature(student_temp, "student_temp")
     teacher_temp = check_temperature(teacher_temp, "teacher_temp")
     fn = _loss_op("dino_loss", backend, student_logits.device)
@@ -325,7 +351,9 @@ def multi_region_loss(
         return_teacher_mean: also return the (1, K) float32 mean over all T*B*Tt teacher region tokens
             (the region center's batch statistic), computed in the teacher-statistics pass when fused.
     Returns:
-        mean over the pairs of :func:`region_loss` with the :func:`region_match` matching (and the mean).
+        mean over the pairs of :func:`region_loss` with the :func:`region_match` matching (and the mean);
+        non-finite when a NaN reaches the features or logits (the matching stays in range). Empty sizes
+        (B, Tt, K, D or a group's T = 0) are a ValueError.
         The fused backend launches one teacher-statistics kernel, then per group one matching kernel and
         one loss kernel for all of the group's crops and teacher views (and one backward kernel).
     """
@@ -335,6 +363,8 @@ def multi_region_loss(
     if teacher_feats.shape[:3] != (t, b, tt):
         raise ValueError(f"teacher_feats must be (T={t}, B={b}, Tt={tt}, D), got {tuple(teacher_feats.shape)}")
     d = teacher_feats.shape[3]
+    check_sizes("multi_region_loss", "B, Tt, K, D >= 1 in teacher_logits (T, B, Tt, K) and teacher_feats "
+                "(T, B, Tt, D)", _EMPTY_MEAN, B=b, Tt=tt, K=k, D=d)
     if len(student_logits) != len(student_feats) or not len(student_logits):
         raise ValueError("student_logits and student_feats must be non-empty sequences of the same length")
     for gi, (sl, sf) in enumerate(zip(student_logits, student_feats)):
@@ -346,10 +376,12 @@ def multi_region_loss(
         check_same({"teacher_logits": teacher_logits, f"student_logits[{gi}]": sl})
         check_same({"teacher_feats": teacher_feats, f"student_feats[{gi}]": sf})
         check_same({"teacher_logits": teacher_logits, f"student_feats[{gi}]": sf}, dtype=False)
+        check_sizes("multi_region_loss", "T >= 1 tokens in every student group (V, B, T, K)", _EMPTY_MEAN,
+                    **{f"T of group {gi}": sl.shape[2]})
     n_crops = sum(sl.shape[0] for sl in student_logits)
     if n_crops * t - min(n_crops, t) < 1:
         raise ValueError("need at least one (teacher, student) pair with different crops")
-    _check_center(center, k, teacher_logits)
+    center = _check_center(center, k, teacher_logits)
     student_temp = check_temperature(student_temp, "student_temp")
     teacher_temp = check_temperature(teacher_temp, "teacher_temp")
     fn = _loss_op("multi_region_loss", backend, teacher_logits.device)

@@ -310,13 +310,19 @@ def test_map_emulation_matches_reference(index_check, tmp_path, hw, ws, ss, rbp)
     assert dpad[:c].abs().max() == 0  # padding queries get no gradient: their outputs are discarded
 
 
-@pytest.mark.parametrize("ws,nwm", [((3, 4), 2), ((2, 2), 0), ((7, 7), 4), ((5, 3), 1)])
-def test_windows_emulation_matches_reference(index_check, tmp_path, ws, nwm):
+@pytest.mark.parametrize("ws,nwm,empty_rows", [((3, 4), 2, False), ((2, 2), 0, False), ((7, 7), 4, False),
+                                                ((5, 3), 1, False), ((3, 4), 2, True)])
+def test_windows_emulation_matches_reference(index_check, tmp_path, ws, nwm, empty_rows):
+    """With ``empty_rows`` the mask hides every key from some queries: output 0, lse +inf, zero gradients."""
     bw, heads, hd = 8, 3, 4
     n, t = ws[0] * ws[1], (2 * ws[0] - 1) * (2 * ws[1] - 1)
     q, k, v = (torch.randn(bw, heads, n, hd, dtype=torch.float64, requires_grad=True) for _ in range(3))
     table = torch.randn(t, heads, dtype=torch.float64, requires_grad=True)
     mask = torch.randn(nwm, n, n, dtype=torch.float64) * 3 if nwm else None
+    if empty_rows:
+        mask[0, 1] = -float("inf")
+        mask[1, n - 1] = -float("inf")
+        mask[1, 0, ::2] = -float("inf")  # half hidden: an ordinary row
     dout = torch.randn(bw, heads, n, hd, dtype=torch.float64)
     scale = 0.6
     ref = R.window_attention(q, k, v, ws, table, mask, scale)
@@ -330,9 +336,13 @@ def test_windows_emulation_matches_reference(index_check, tmp_path, ws, nwm):
         logits = (logits.view(-1, nwm, heads, n, n) + mask[None, :, None]).view(bw, heads, n, n)
     tol = {"rtol": 1e-10, "atol": 1e-10}
     torch.testing.assert_close(out, ref.detach(), **tol)
-    torch.testing.assert_close(lse, logits.detach().logsumexp(-1), **tol)
+    want_lse = logits.detach().logsumexp(-1)
+    torch.testing.assert_close(lse, want_lse.masked_fill(want_lse == -float("inf"), float("inf")), **tol)
     for got, want in zip((dq, dk, dv, dbias), grads):
         torch.testing.assert_close(got, want, **tol)
+    if empty_rows:
+        assert (lse[0::2, :, 1] == float("inf")).all() and (out[0::2, :, 1] == 0).all()
+        assert (dq[0::2, :, 1] == 0).all() and torch.isfinite(dk).all()
 
 
 @pytest.mark.parametrize("k,ts,tt,spread", [(3, 0.1, 0.04, 1.0), (1000, 0.1, 0.04, 1.0), (4101, 0.1, 0.07, 5.0),

@@ -388,6 +388,128 @@ def test_errors_match_dino_multi():
         ek.multi_region_loss(sl, sf[:1], tl, tf, c, **_kw())
 
 
+# ------------------------------------------------------------------------------------------ bad values, empty input
+# The helpers take a device and a backend list: tests/gpu runs them on the triton and cuda backends.
+
+NAN = float("nan")
+
+
+def check_region_match_nan(backends=("torch", "triton"), device="cpu"):
+    """A NaN similarity wins, lowest index first, as NaN does in torch.max; every backend agrees and stays
+    in [0, Tt) (the torch backend used to return Tt, out of range)."""
+    s, t = torch.randn(2, 6, 8), torch.randn(2, 70, 8)  # 70 teacher tokens: several blocks / tiles
+    t[0, 43, 2] = NAN  # teacher token 43 of image 0: NaN similarity with every student token
+    t[0, 50, 0] = NAN  # a later NaN loses the tie
+    s[1, 2, 5] = NAN  # student token 2 of image 1: NaN with every teacher token -> the lowest, 0
+    s[0, 4, 1] = float("inf")  # normalising inf gives NaN too
+    sim = torch.nn.functional.normalize(s.double(), dim=-1) @ torch.nn.functional.normalize(t.double(), dim=-1).mT
+    want = sim.argmax(-1)
+    want[0] = 43
+    want[1, 2] = want[0, 4] = 0
+    for backend in backends:
+        idx = ek.region_match(s.to(device), t.to(device), backend=backend).cpu()
+        assert torch.equal(idx, want), backend
+
+
+def check_nan_gives_nonfinite_loss(backends=("torch", "triton"), device="cpu"):
+    """A NaN from the model (features and logits of one teacher token) makes the training loss non-finite --
+    the trainer's non-finite-loss stop -- instead of an out-of-range match index or being matched around."""
+    sl, sf, tl, tf, c = (x.to(device) if torch.is_tensor(x) else [y.to(device) for y in x]
+                         for x in _multi_inputs(torch.float32, 333))
+    tl[0, 1, 2], tf[0, 1, 2] = NAN, NAN
+    for backend in backends:
+        if backend != "cuda":  # no cuda kernel for the multi-pair loss
+            loss = ek.multi_region_loss(sl, sf, tl, tf, c, student_temp=ST, teacher_temp=TT, backend=backend)
+            assert not torch.isfinite(loss), backend
+        m = ek.region_match(sf[0][0], tf[0], backend=backend)
+        assert not torch.isfinite(ek.region_loss(sl[0][0], tl[0], m, c, student_temp=ST, teacher_temp=TT,
+                                                 backend=backend)), backend
+
+
+def check_empty_inputs(backends=("torch", "triton"), device="cpu"):
+    """Empty sizes: region_match with B = 0 or Ts = 0 returns an empty (B, Ts) result; every size a loss
+    or a matching cannot do without is a ValueError, the same on every backend."""
+    def z(*shape):
+        return torch.randn(*shape, device=device)
+
+    idx0 = torch.zeros(0, 3, dtype=torch.long, device=device)
+    kw = {"student_temp": ST, "teacher_temp": TT}
+    bad = {
+        "region_match Tt=0": lambda be: ek.region_match(z(2, 3, 8), z(2, 0, 8), backend=be),
+        "region_match D=0": lambda be: ek.region_match(z(2, 3, 0), z(2, 5, 0), backend=be),
+        "region_loss B=0": lambda be: ek.region_loss(z(0, 3, 6), z(0, 4, 6), idx0, z(6), **kw, backend=be),
+        "region_loss Ts=0": lambda be: ek.region_loss(z(2, 0, 6), z(2, 4, 6), idx0.view(2, 0), z(6), **kw,
+                                                       backend=be),
+        "region_loss Tt=0": lambda be: ek.region_loss(z(2, 3, 6), z(2, 0, 6), idx0.new_zeros(2, 3), z(6), **kw,
+                                                       backend=be),
+        "region_loss K=0": lambda be: ek.region_loss(z(2, 3, 0), z(2, 4, 0), idx0.new_zeros(2, 3), z(0), **kw,
+                                                      backend=be),
+    }
+    if "cuda" not in backends:  # ops with no cuda kernel
+        bad.update({
+            "dino_loss B=0": lambda be: ek.dino_loss(z(3, 0, 6), z(2, 0, 6), z(6), **kw, backend=be),
+            "dino_loss K=0": lambda be: ek.dino_loss(z(3, 2, 0), z(2, 2, 0), z(0), **kw, backend=be),
+        })
+        for dim, name in ((1, "B"), (2, "Tt"), (3, "K")):
+            shape = [2, 2, 4, 6]
+            shape[dim] = 0
+            feats = shape[:3] + [5]
+            bad[f"multi_region_loss {name}=0"] = lambda be, shape=shape, feats=feats: ek.multi_region_loss(
+                [z(3, shape[1], 3, shape[3])], [z(3, shape[1], 3, 5)], z(*shape), z(*feats), z(shape[3]), **kw,
+                backend=be)
+        bad["multi_region_loss T=0"] = lambda be: ek.multi_region_loss(
+            [z(3, 2, 0, 6)], [z(3, 2, 0, 5)], z(2, 2, 4, 6), z(2, 2, 4, 5), z(6), **kw, backend=be)
+    for name, fn in bad.items():
+        for backend in backends:
+            with pytest.raises(ValueError, match="needs .* got "):
+                fn(backend)
+                pytest.fail(f"{name} on {backend}: no error")
+    for backend in backends:
+        assert ek.region_match(z(0, 3, 8), z(0, 5, 8), backend=backend).shape == (0, 3)
+        assert ek.region_match(z(2, 0, 8), z(2, 5, 8), backend=backend).shape == (2, 0)
+
+
+def check_center_float64(backends=("torch", "triton"), device="cpu"):
+    """README: the center may be any float dtype. A float64 center gives the float32 center's result on every
+    backend (each reads the center in float32)."""
+    sl, sf, tl, tf, c = (x.to(device) if torch.is_tensor(x) else [y.to(device) for y in x]
+                         for x in _multi_inputs(torch.float32, 333))
+    m = torch.zeros(2, 4, dtype=torch.long, device=device)
+    kw = {"student_temp": ST, "teacher_temp": TT}
+    for backend in backends:
+        for center in (c, c[0]):
+            got = ek.region_loss(sl[0][0], tl[0], m, center.double(), **kw, backend=backend)
+            assert torch.equal(got, ek.region_loss(sl[0][0], tl[0], m, center, **kw, backend=backend)), backend
+        if backend == "cuda":
+            continue
+        got = ek.multi_region_loss(sl, sf, tl, tf, c.double(), **kw, backend=backend)
+        assert torch.equal(got, ek.multi_region_loss(sl, sf, tl, tf, c, **kw, backend=backend)), backend
+        got = ek.dino_loss(sl[1][:, :, 0], tl[:, :, 0], c.double(), **kw, backend=backend)
+        assert torch.equal(got, ek.dino_loss(sl[1][:, :, 0], tl[:, :, 0], c, **kw, backend=backend)), backend
+
+
+def test_region_match_nan_wins_and_stays_in_range():
+    check_region_match_nan()
+
+
+def test_nan_gives_nonfinite_loss_not_an_index_error():
+    check_nan_gives_nonfinite_loss()
+
+
+def test_empty_inputs():
+    check_empty_inputs()
+
+
+def test_center_float64():
+    check_center_float64()
+
+
+def test_center_of_integer_dtype_is_refused():
+    s, t, m = torch.randn(2, 3, 10), torch.randn(2, 4, 10), torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(TypeError, match="center must be float32, float16, bfloat16 or float64"):
+        ek.region_loss(s, t, m, torch.zeros(10, dtype=torch.long), **_kw())
+
+
 # ------------------------------------------------------------------------------------------ GPU code
 
 

@@ -100,6 +100,13 @@ def test_region_match_ties_lowest_index():
     assert R.region_match(s, t).tolist() == [[1, 0]]
 
 
+def test_region_match_nan_wins_lowest_index_in_range():
+    """A NaN similarity wins as in torch.max (the matching used to return the out-of-range index Tt)."""
+    s = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [float("nan"), 1.0]]])
+    t = torch.tensor([[[0.0, 2.0], [1.0, float("nan")], [3.0, 0.0], [float("nan"), 0.0]]])
+    assert R.region_match(s, t).tolist() == [[1, 1, 0]]
+
+
 def test_dino_loss_pairs_and_region_loss_definition():
     torch.manual_seed(0)
     s, t, c = torch.randn(4, 3, 10), torch.randn(2, 3, 10), torch.randn(10)

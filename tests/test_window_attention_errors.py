@@ -90,3 +90,35 @@ def test_environment_report_runs(capsys):
     assert env["torch"] == torch.__version__ and set(env["backends"]) == {"triton", "cuda", "torch"}
     assert main([]) == 0
     assert "backends" in capsys.readouterr().out
+
+
+def check_empty_inputs(backends=("torch", "triton"), device="cpu"):
+    """B = 0 (no windows): an empty output, an empty qkv gradient and zero bias-table / pad gradients (sums
+    over no window); 0 heads, head_dim 0, H = 0 or W = 0: a ValueError. The same on every backend."""
+    for backend in backends:
+        table = torch.randn(9, 2, device=device, requires_grad=True)
+        q = torch.randn(0, 2, 4, 8, device=device, requires_grad=True)
+        out = ek.window_attention(q, q, q, window_size=2, bias_table=table[:9], backend=backend)
+        assert out.shape == (0, 2, 4, 8)
+        dq, dt = torch.autograd.grad(out.sum(), (q, table))
+        assert dq.shape == q.shape and torch.equal(dt, torch.zeros_like(dt))
+        qkv = torch.randn(0, 5, 5, 24, device=device, requires_grad=True)
+        pad = torch.randn(24, device=device, requires_grad=True)
+        out = ek.shifted_window_attention(qkv, num_heads=2, window_size=2, shift_size=1, bias_table=table,
+                                          pad_qkv=pad, backend=backend)
+        assert out.shape == (0, 5, 5, 8)
+        dqkv, dt, dp = torch.autograd.grad(out.sum(), (qkv, table, pad))
+        assert dqkv.shape == qkv.shape and not dt.any() and not dp.any()
+        for shape, what in (((2, 0, 4, 8), "heads=0"), ((2, 2, 4, 0), "head_dim=0")):
+            x = torch.randn(*shape, device=device)
+            with pytest.raises(ValueError, match=f"window_attention needs .*got {what}"):
+                ek.window_attention(x, x, x, window_size=2, backend=backend)
+        for shape, what in (((1, 4, 4, 0), "head_dim=0"), ((1, 0, 4, 24), "H=0"), ((1, 4, 0, 24), "W=0")):
+            with pytest.raises(ValueError, match=f"shifted_window_attention needs .*got {what}"):
+                ek.shifted_window_attention(torch.randn(*shape, device=device), num_heads=2, window_size=2,
+                                            backend=backend)
+
+
+def test_empty_inputs():
+    backends = ("torch", "triton") if ek.available_backends()["triton"].available else ("torch",)
+    check_empty_inputs(backends)

@@ -63,7 +63,9 @@ struct Reader {
 };
 
 // Attention of one (window, head) given its tokens' q, k, v (N x hd), additive logit term add(i, j)
-// (bias + mask), and dO; returns out, lse and dq, dk, dv, dS (the kernels' formulas: D_i = dO_i . O_i,
+// (bias + mask), and dO; returns out, lse and dq, dk, dv, dS (the kernels' formulas, base 2 with
+// online_lse.h's softmax-row rules, so a query whose logits are all -inf gets output 0 and lse +inf:
+// out_i = sum_j weight(x_ij, m_i) v_j * out_scale(l_i), P = 2^(x - lse2) in the backward, D_i = dO_i . O_i,
 // dS = P * (dP - D), dq = scale * dS K, dk = scale * dS^T Q, dv = P^T dO).
 struct Item {
   int N, hd;
@@ -72,24 +74,28 @@ struct Item {
 
 template <class Add>
 void attend(Item& it, double scale, Add add) {
+  const double log2e = 1.4426950408889634, ln2 = 0.6931471805599453;
   const int N = it.N, hd = it.hd;
   it.out.assign(N * hd, 0); it.lse.assign(N, 0); it.dq.assign(N * hd, 0); it.dk.assign(N * hd, 0);
   it.dv.assign(N * hd, 0); it.ds.assign(N * N, 0);
-  Vec p(N * N);
+  Vec x(N * N), p(N * N);
   for (int i = 0; i < N; ++i) {
     double m = -INFINITY;
     for (int j = 0; j < N; ++j) {
       double s = 0;
       for (int d = 0; d < hd; ++d) s += it.q[i * hd + d] * it.k[j * hd + d];
-      p[i * N + j] = s * scale + add(i, j);
-      m = std::fmax(m, p[i * N + j]);
+      x[i * N + j] = (s * scale + add(i, j)) * log2e;
+      m = std::fmax(m, x[i * N + j]);
     }
     double l = 0;
-    for (int j = 0; j < N; ++j) l += std::exp(p[i * N + j] - m);
-    it.lse[i] = m + std::log(l);
-    for (int j = 0; j < N; ++j) p[i * N + j] = std::exp(p[i * N + j] - it.lse[i]);
-    for (int j = 0; j < N; ++j)
-      for (int d = 0; d < hd; ++d) it.out[i * hd + d] += p[i * N + j] * it.v[j * hd + d];
+    for (int j = 0; j < N; ++j) l += esvit::softmax_weight(x[i * N + j], m);
+    const double lse2 = esvit::softmax_lse2(m, l), out_scale = esvit::softmax_out_scale(l);
+    it.lse[i] = lse2 * ln2;
+    for (int j = 0; j < N; ++j) {
+      const double w = esvit::softmax_weight(x[i * N + j], m) * out_scale;
+      for (int d = 0; d < hd; ++d) it.out[i * hd + d] += w * it.v[j * hd + d];
+      p[i * N + j] = esvit::exp2_of(x[i * N + j] - lse2);  // what the backward kernel recomputes
+    }
   }
   for (int i = 0; i < N; ++i) {
     double D = 0;

@@ -62,7 +62,8 @@ def _region_match_kernel(
     s_ptr, t_ptr, out_ptr, V, B, Ts, Tt, D, crop_offset,
     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[t, v, b, i] = argmax_j cos(student[v, b, i], teacher[t, b, j]), first index on ties.
+    """out[t, v, b, i] = argmax_j cos(student[v, b, i], teacher[t, b, j]), first index on ties; a NaN cosine
+    wins (it counts as +inf), as NaN does in ``torch.max``.
 
     One program: BLOCK_S student tokens of one (t, v, b) against all Tt teacher tokens, BLOCK_T at a time;
     fp32 dot products over D in BLOCK_D chunks, teacher norms alongside, running (max, argmax) in registers.
@@ -99,6 +100,9 @@ def _region_match_kernel(
             sq += tl.sum(bt * bt, axis=1)
             dot += tl.sum(a[:, None, :] * bt[None, :, :], axis=2)
         cos = dot / tl.maximum(tl.sqrt_rn(sq), 1e-12)[None, :]  # F.normalize's eps
+        # a NaN similarity wins (lowest index), as in torch.max; so does +-inf: the reference's cosine of an
+        # inf feature is NaN, this one skips the student norm and can see inf / |t|
+        cos = tl.where(tl.abs(cos) < float("inf"), cos, float("inf"))
         cos = tl.where(cmask[None, :], cos, float("-inf"))
         blk_max = tl.max(cos, axis=1)
         blk_idx = tl.min(tl.where(cos == blk_max[:, None], cols[None, :], 2147483647), axis=1)

@@ -12,7 +12,22 @@ Layouts
 Tiling
     One program attends one *tile* for one head: G whole windows (G * N <= TILE tokens, G > 1 only for
     small windows, with a block-diagonal mask so windows do not see each other) against all TILE keys.
-    N = 49 -> TILE 64; N = 144/196 -> TILE 256 with the queries split into blocks of BM rows.
+    N = 49 -> TILE 64; N = 144/196 -> TILE 256 with the queries split into blocks of BM rows. Where a whole
+    tile does not fit registers and shared memory (large tiles in fp32 or at head_dim 128, fp32 at head_dim
+    > 32) the keys (forward, dQ) or queries (dK/dV) are walked in 4 chunks: an online softmax in the
+    forward, 4 rotating dbias accumulators in dQ. Each launch takes the first of its candidate
+    configurations whose shared memory fits the device (:func:`launch_candidates`, :func:`.aot.launch`).
+
+Non-finite values and masked rows
+    Pairs of different windows are *selected* to -inf (NaN + a large negative number would stay NaN). A
+    query whose logits are all -inf gets output 0 and lse +inf (zero gradients). Packed windows (G > 1)
+    must not exchange NaN/inf through the dots either (0 * NaN is NaN): every kernel runs twice. The first
+    pass is the plain kernel and flags each program whose results (forward: whose V) hold a non-finite
+    value; the second (SAFE) pass redoes just the flagged programs with dS and P selected to their window,
+    the dot operands zeroed where not finite and the products made NaN exactly where the dense per-window
+    product is (_poison). Common case: a zeroed flag buffer and one more launch whose programs exit at
+    once; the first pass keeps about the registers (occupancy) of the plain kernel, where a slow path
+    inside the kernels (tried first) cost up to 3x the registers of some variants.
 
 Backward
     TILE <= 64: one fused kernel per (chunk of tiles, head) recomputes P and writes dQ, dK, dV.
@@ -33,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +63,6 @@ __all__ = ["swa_forward", "swa_backward", "wa_forward", "wa_backward", "tile_con
 
 # module constants read inside @triton.jit functions must be constexpr for the compiler
 LOG2E = tl.constexpr(1.4426950408889634)
-NEG = tl.constexpr(-1.0e30)  # "minus infinity" for pairs that must not interact (other window, padding)
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -61,6 +76,54 @@ def _dot(a, b, DOT_F32: tl.constexpr, IS_F32: tl.constexpr):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def _finite(x):
+    """Not NaN and not +-inf."""
+    return tl.abs(x.to(tl.float32)) < float("inf")
+
+
+@triton.jit
+def _flag_nonfinite(flag_ptr, prog, row_sums):
+    """First pass with packed windows: flag the program when a row sum of one tile's results is not finite
+    (NaN and inf survive a sum; a finite sum that overflows only costs a needless SAFE redo): one
+    reduction, a store that is issued only then."""
+    tl.store(flag_ptr + prog, 1, mask=tl.max((~_finite(row_sums)).to(tl.int32), 0) > 0)
+
+
+@triton.jit
+def _tiles_to_do(flag_ptr, prog, tiles_per_prog, SAFE: tl.constexpr):
+    """All the program's tiles; in the SAFE pass none unless the first pass flagged the program."""
+    if SAFE:
+        n = tiles_per_prog * (tl.load(flag_ptr + prog) != 0).to(tl.int32)
+    else:
+        n = tiles_per_prog
+    return n
+
+
+@triton.jit
+def _redone(flag_ptr, prog, SAFE: tl.constexpr):
+    """Whether this program's per-program partial sums are to be written: always in the first pass, in
+    the SAFE pass only for a flagged program (the others keep the first pass's)."""
+    if SAFE:
+        ok = tl.load(flag_ptr + prog) != 0
+    else:
+        ok = True
+    return ok
+
+
+@triton.jit
+def _poison(acc, rows, cols, bad, N: tl.constexpr, DOT_F32: tl.constexpr, IS_F32: tl.constexpr):
+    """acc (rows, HD) made NaN where the row's own window holds a non-finite operand in that column (rows,
+    cols: tile positions of acc's rows and of the operand's rows; bad: the operand is not finite there):
+    exactly where the dense per-window product (the reference) is non-finite. With packed windows the
+    products run on operands whose non-finite entries were zeroed, since another window's NaN times a 0
+    of P or dS would be NaN (0 * NaN) in every row of the tile; this puts them back, in their window only.
+    Runs in the SAFE pass only."""
+    own = ((rows // N)[:, None] == (cols // N)[None, :]).to(acc.dtype if IS_F32 else tl.float16)
+    hits = _dot(own, bad.to(own.dtype), DOT_F32, IS_F32)  # padding rows of the tile are 0s
+    return tl.where(hits > 0.0, float("nan"), acc)
 
 
 @triton.jit
@@ -123,13 +186,13 @@ def _bias_block(
     h, rr, rc, bias_ptr, bias_st, bias_sh, N: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
     HAS_BIAS: tl.constexpr, ROWS_ARE_KEYS: tl.constexpr,
 ):
-    """bias[rel(query, key)] for tile rows rr x tile columns rc lying in the same window of the tile, NEG
-    across windows. It depends only on the head and the positions inside the tile, so a program computes
-    it once and reuses it for every tile it handles (the gather leaves the inner loop)."""
-    gr = rr // N
-    gc = rc // N
-    blk = gr[:, None] == gc[None, :]
+    """bias[rel(query, key)] for tile rows rr x tile columns rc lying in the same window of the tile, 0 across
+    windows (those pairs are selected away by :func:`_scores`); the scalar 0 without a bias. It depends
+    only on the head and the positions inside the tile, so a program computes it once and reuses it for
+    every tile it handles (the gather leaves the inner loop)."""
     if HAS_BIAS:
+        gr = rr // N
+        gc = rc // N
         if ROWS_ARE_KEYS:
             nq = (rc - gc * N)[None, :]
             nk = (rr - gr * N)[:, None]
@@ -139,10 +202,11 @@ def _bias_block(
         rq = nq // WW
         rk = nk // WW
         idx = (rq - rk + (WH - 1)) * (2 * WW - 1) + (nq - rq * WW) - (nk - rk * WW) + (WW - 1)
-        b = tl.load(bias_ptr + idx * bias_st + h * bias_sh, mask=blk, other=0.0).to(tl.float32)
+        b = tl.load(bias_ptr + idx * bias_st + h * bias_sh, mask=gr[:, None] == gc[None, :], other=0.0)
+        b = b.to(tl.float32)
     else:
-        b = blk.to(tl.float32) * 0.0
-    return tl.where(blk, b, NEG)
+        b = 0.0
+    return b
 
 
 @triton.jit
@@ -150,14 +214,15 @@ def _scores(
     a, b, bias_blk, same, lab_r, lab_c, mask_ptr, m_r, m_c, scale, SH: tl.constexpr, SW: tl.constexpr,
     LAYOUT: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, IS_F32: tl.constexpr,
 ):
-    """fp32 logits a b^T * scale + bias (+ the user's mask, or the shift mask from region labels), NEG for
-    pairs that must not interact. Rows are queries (a = q) or keys (a = k, the transposed logits)."""
+    """fp32 logits a b^T * scale + bias (+ the user's mask, or the shift mask from region labels), -inf for
+    pairs that must not interact (other window, padding rows of the tile). A select, not an addition: NaN
+    + -inf would still be NaN. Rows are queries (a = q) or keys (a = k, the transposed logits)."""
     s = _dot(a, tl.trans(b), DOT_F32, IS_F32) * scale + bias_blk
     if HAS_MASK:
         s += tl.load(mask_ptr + m_r[:, None] + m_c[None, :], mask=same, other=0.0).to(tl.float32)
     if LAYOUT == 1 and (SH > 0 or SW > 0):
         s += tl.where(lab_r[:, None] != lab_c[None, :], -100.0, 0.0)
-    return tl.where(same, s, NEG)
+    return tl.where(same, s, float("-inf"))
 
 
 # ----------------------------------------------------------------------------------------- forward
@@ -165,14 +230,14 @@ def _scores(
 
 @triton.jit
 def _fwd_kernel(
-    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, pad_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, pad_ptr, out_ptr, lse_ptr, flag_ptr,
     NW_TOT, n_win, n_ww, H, W, HP, WP, C, tiles_per_prog,
     s_b, s_h, s_y, s_x, o_sb, o_sy, o_sx, bias_st, bias_sh, m_sw, m_si, n_mask_win, scale,
     HEADS: tl.constexpr, N: tl.constexpr, G: tl.constexpr, TILE: tl.constexpr, BM: tl.constexpr,
     BK: tl.constexpr, HD: tl.constexpr, HD_PAD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, DOT_F32: tl.constexpr,
-    IS_F32: tl.constexpr, PRE_BIAS: tl.constexpr,
+    IS_F32: tl.constexpr, PRE_BIAS: tl.constexpr, SAFE: tl.constexpr,
 ):
     """Attention of one query block of a chunk of tiles for one head; writes out and the row lse.
 
@@ -182,20 +247,21 @@ def _fwd_kernel(
     tl.static_assert(BK == TILE or (BK * 4 == TILE and not PRE_BIAS))
     chunk = tl.program_id(0)
     h = tl.program_id(1)
+    prog = (chunk * HEADS + h) * tl.num_programs(2) + tl.program_id(2)
     tq = tl.program_id(2) * BM + tl.arange(0, BM)
     tk = tl.arange(0, BK)
     d = tl.arange(0, HD_PAD)
     hoff = h * s_h
     if PRE_BIAS:  # small tiles: the bias block stays in registers across the tile loop
         bias_pre = _bias_block(h, tq, tk, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, False)
-    for it in range(0, tiles_per_prog):
+    for it in range(0, _tiles_to_do(flag_ptr, prog, tiles_per_prog, SAFE)):
         tile = chunk * tiles_per_prog + it
         qw, qn, qvalid, qin, qoff, qoo, qlab = _rows(
             tile, tq, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
             G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
         q = _load_tok(q_ptr + hoff, qoff, d, qin, qvalid & ~qin, pad_ptr + h * HD, HD, HAS_PAD)
         m_r = (qw % n_mask_win).to(tl.int64) * m_sw + qn * m_si
-        m = tl.full((BM,), NEG, tl.float32)
+        m = tl.full((BM,), float("-inf"), tl.float32)
         l = tl.zeros((BM,), tl.float32)
         acc = tl.zeros((BM, HD_PAD), tl.float32)
         for kc in range(0, TILE // BK):
@@ -209,47 +275,63 @@ def _fwd_kernel(
                 G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
             k = _load_tok(k_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + C + h * HD, HD, HAS_PAD)
             v = _load_tok(v_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + 2 * C + h * HD, HD, HAS_PAD)
+            if G > 1 and not SAFE:  # P @ V is the one product that can carry a NaN across windows
+                _flag_nonfinite(flag_ptr, prog, tl.sum(v.to(tl.float32), 1))
             same = (qw[:, None] == kw[None, :]) & qvalid[:, None] & kvalid[None, :]
             s = _scores(q, k, bias_blk, same, qlab, klab, mask_ptr, m_r, kn, scale, SH, SW, LAYOUT, HAS_MASK,
                         DOT_F32, IS_F32)
             if BK == TILE:  # one pass: no rescaling
-                m = tl.max(s, 1)
-                p = tl.exp2((s - m[:, None]) * LOG2E)
-                l = tl.sum(p, 1)
-                acc = _dot(p.to(v.dtype), v, DOT_F32, IS_F32)
+                m_new = tl.max(s, 1)
             else:
                 m_new = tl.maximum(m, tl.max(s, 1))
-                alpha = tl.exp2((m - m_new) * LOG2E)
-                p = tl.exp2((s - m_new[:, None]) * LOG2E)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # every logit so far -inf: p = 0
+            p = tl.exp2((s - m_use[:, None]) * LOG2E)
+            lp = p.to(v.dtype)
+            if SAFE:  # another window's non-finite v must not reach this one (see _poison)
+                v_ok = _finite(v)
+                pv = _poison(_dot(lp, tl.where(v_ok, v, 0.0), DOT_F32, IS_F32), tq, tkc, ~v_ok, N, DOT_F32, IS_F32)
+            else:
+                pv = _dot(lp, v, DOT_F32, IS_F32)
+            if BK == TILE:
+                l = tl.sum(p, 1)
+                acc = pv
+            else:
+                alpha = tl.exp2((m - m_use) * LOG2E)
                 l = l * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32, IS_F32)
-                m = m_new
-        o = acc / l[:, None]
+                acc = acc * alpha[:, None] + pv
+            m = m_new
+        empty = l == 0.0  # output 0, lse +inf (2^(s - lse) = 0 in the backward: zero gradients)
+        o = acc / tl.where(empty, 1.0, l)[:, None]
         tl.store(out_ptr + h * HD + qoo[:, None] + d[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=qin[:, None] & (d < HD)[None, :])
-        tl.store(lse_ptr + (qw.to(tl.int64) * HEADS + h) * N + qn, m + tl.log(l), mask=qvalid)
+        tl.store(lse_ptr + (qw.to(tl.int64) * HEADS + h) * N + qn, tl.where(empty, float("inf"), m + tl.log(l)),
+                 mask=qvalid)
 
 
 # ----------------------------------------------------------------------------------------- backward
 # Gradient buffers: windows layout -> addressed like the output; map layout -> like the qkv map.
+# Packed windows (G > 1), SAFE pass: dS is selected to its window, a NaN lse (a query whose logits hold a
+# NaN) is read as +inf so that P is 0 off its window, and the operands of the dots are zeroed where not
+# finite (see _poison). The first pass flags its programs whose gradients hold a non-finite value.
 
 
 @triton.jit
 def _bwd_fused_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, pad_ptr, out_ptr, dout_ptr, lse_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dbias_part_ptr, dpad_part_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dbias_part_ptr, dpad_part_ptr, flag_ptr,
     NW_TOT, n_win, n_ww, H, W, HP, WP, C, tiles_per_prog,
     s_b, s_h, s_y, s_x, o_sb, o_sy, o_sx, bias_st, bias_sh, m_sw, m_si, n_mask_win, scale,
     HEADS: tl.constexpr, N: tl.constexpr, G: tl.constexpr, TILE: tl.constexpr,
     HD: tl.constexpr, HD_PAD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
     SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_DPAD: tl.constexpr,
-    DOT_F32: tl.constexpr, IS_F32: tl.constexpr, PRE_BIAS: tl.constexpr,
+    DOT_F32: tl.constexpr, IS_F32: tl.constexpr, PRE_BIAS: tl.constexpr, SAFE: tl.constexpr,
 ):
     """dQ, dK, dV of whole tiles (one block of TILE rows) for a chunk of tiles and one head. Works on the
     transposed logits (keys as rows) so only dQ needs a transpose; sums dS over the chunk for dbias."""
     chunk = tl.program_id(0)
     h = tl.program_id(1)
+    prog = chunk * HEADS + h
     t = tl.arange(0, TILE)
     d = tl.arange(0, HD_PAD)
     dmask = (d < HD)[None, :]
@@ -259,7 +341,7 @@ def _bwd_fused_kernel(
     acc_dst = tl.zeros((TILE, TILE), dtype=tl.float32)  # acc_dst[j, i] = sum over windows of dS[i, j]
     pad_dk = tl.zeros((HD_PAD,), dtype=tl.float32)
     pad_dv = tl.zeros((HD_PAD,), dtype=tl.float32)
-    for it in range(0, tiles_per_prog):
+    for it in range(0, _tiles_to_do(flag_ptr, prog, tiles_per_prog, SAFE)):
         tile = chunk * tiles_per_prog + it
         if PRE_BIAS:
             bias_t = bias_pre
@@ -281,42 +363,58 @@ def _bwd_fused_kernel(
         m_c = (w % n_mask_win).to(tl.int64) * m_sw + n * m_si
         st = _scores(k, q, bias_t, same, lab, lab, mask_ptr, n, m_c, scale, SH, SW, LAYOUT, HAS_MASK,
                      DOT_F32, IS_F32)
-        pt = tl.exp2((st - lse[None, :]) * LOG2E)
-        dv = _dot(pt.to(do.dtype), do, DOT_F32, IS_F32)
-        dpt = _dot(v, tl.trans(do), DOT_F32, IS_F32)
-        dst = pt * (dpt - delta[None, :])
-        dst_lp = dst.to(q.dtype)
-        dk = _dot(dst_lp, q, DOT_F32, IS_F32) * scale
-        dq = _dot(tl.trans(dst_lp), k, DOT_F32, IS_F32) * scale
+        if SAFE:  # nothing non-finite may cross to another window (see _poison)
+            lse_ok = lse == lse
+            pt = tl.exp2((st - tl.where(lse_ok, lse, float("inf"))[None, :]) * LOG2E)
+            q_ok, k_ok, do_ok = _finite(q), _finite(k), _finite(do)
+            do = tl.where(do_ok, do, 0.0)  # delta above saw the original: a NaN there still poisons dS
+            dv = _dot(pt.to(do.dtype), do, DOT_F32, IS_F32)
+            dst = tl.where(same, pt * (_dot(v, tl.trans(do), DOT_F32, IS_F32) - delta[None, :]), 0.0)
+            dst_lp = dst.to(q.dtype)
+            dk = _dot(dst_lp, tl.where(q_ok, q, 0.0), DOT_F32, IS_F32) * scale
+            dq = _dot(tl.trans(dst_lp), tl.where(k_ok, k, 0.0), DOT_F32, IS_F32) * scale
+            dv = _poison(dv, t, t, ~(do_ok & lse_ok[:, None]), N, DOT_F32, IS_F32)  # NaN P row: all dV
+            dk = _poison(dk, t, t, ~q_ok, N, DOT_F32, IS_F32)
+            dq = _poison(dq, t, t, ~k_ok, N, DOT_F32, IS_F32)
+        else:
+            pt = tl.exp2((st - lse[None, :]) * LOG2E)
+            dv = _dot(pt.to(do.dtype), do, DOT_F32, IS_F32)
+            dpt = _dot(v, tl.trans(do), DOT_F32, IS_F32)
+            dst = pt * (dpt - delta[None, :])
+            dst_lp = dst.to(q.dtype)
+            dk = _dot(dst_lp, q, DOT_F32, IS_F32) * scale
+            dq = _dot(tl.trans(dst_lp), k, DOT_F32, IS_F32) * scale
         g = ooff if LAYOUT == 0 else off
         gptr = h * HD + g[:, None] + d[None, :]
         tl.store(dq_ptr + gptr, dq.to(dq_ptr.dtype.element_ty), mask=omask)
         tl.store(dk_ptr + gptr, dk.to(dk_ptr.dtype.element_ty), mask=omask)
         tl.store(dv_ptr + gptr, dv.to(dv_ptr.dtype.element_ty), mask=omask)
+        if G > 1 and not SAFE:
+            _flag_nonfinite(flag_ptr, prog, tl.sum(dq, 1) + tl.sum(dk, 1) + tl.sum(dv, 1))
         if NEED_DBIAS:
             acc_dst += dst
         if NEED_DPAD:
             pad_dk += tl.sum(tl.where(ispad[:, None], dk, 0.0), 0)
             pad_dv += tl.sum(tl.where(ispad[:, None], dv, 0.0), 0)
-    prog = chunk * HEADS + h
+    redo = _redone(flag_ptr, prog, SAFE)
     if NEED_DBIAS:
-        tl.store(dbias_part_ptr + (prog.to(tl.int64) * TILE + t[None, :]) * TILE + t[:, None], acc_dst)
+        tl.store(dbias_part_ptr + (prog.to(tl.int64) * TILE + t[None, :]) * TILE + t[:, None], acc_dst, mask=redo)
     if NEED_DPAD:
-        tl.store(dpad_part_ptr + prog * 2 * HD_PAD + d, pad_dk)
-        tl.store(dpad_part_ptr + prog * 2 * HD_PAD + HD_PAD + d, pad_dv)
+        tl.store(dpad_part_ptr + prog * 2 * HD_PAD + d, pad_dk, mask=redo)
+        tl.store(dpad_part_ptr + prog * 2 * HD_PAD + HD_PAD + d, pad_dv, mask=redo)
 
 
 @triton.jit
 def _bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, pad_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr,
-    dq_ptr, dbias_part_ptr,
+    dq_ptr, dbias_part_ptr, flag_ptr,
     NW_TOT, n_win, n_ww, H, W, HP, WP, C, tiles_per_prog,
     s_b, s_h, s_y, s_x, o_sb, o_sy, o_sx, bias_st, bias_sh, m_sw, m_si, n_mask_win, scale,
     HEADS: tl.constexpr, N: tl.constexpr, G: tl.constexpr, TILE: tl.constexpr, BM: tl.constexpr,
     BK: tl.constexpr, HD: tl.constexpr, HD_PAD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, NEED_DBIAS: tl.constexpr,
-    DOT_F32: tl.constexpr, IS_F32: tl.constexpr, PRE_BIAS: tl.constexpr,
+    DOT_F32: tl.constexpr, IS_F32: tl.constexpr, PRE_BIAS: tl.constexpr, SAFE: tl.constexpr,
 ):
     """Split backward, part 1: dQ of one query block against all keys of the tile; stores delta =
     rowsum(dO * O) for part 2 and sums dS over the chunk for dbias.
@@ -327,6 +425,7 @@ def _bwd_dq_kernel(
     tl.static_assert(BK == TILE or (BK * 4 == TILE and not PRE_BIAS))
     chunk = tl.program_id(0)
     h = tl.program_id(1)
+    prog = (chunk * HEADS + h) * tl.num_programs(2) + tl.program_id(2)
     tq = tl.program_id(2) * BM + tl.arange(0, BM)
     tk = tl.arange(0, BK)
     d = tl.arange(0, HD_PAD)
@@ -338,7 +437,7 @@ def _bwd_dq_kernel(
     acc1 = tl.zeros((BM, BK), dtype=tl.float32)
     acc2 = tl.zeros((BM, BK), dtype=tl.float32)
     acc3 = tl.zeros((BM, BK), dtype=tl.float32)
-    for it in range(0, tiles_per_prog):
+    for it in range(0, _tiles_to_do(flag_ptr, prog, tiles_per_prog, SAFE)):
         tile = chunk * tiles_per_prog + it
         qw, qn, qvalid, qin, qoff, qoo, qlab = _rows(
             tile, tq, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
@@ -369,36 +468,46 @@ def _bwd_dq_kernel(
             p = tl.exp2((s - lse[:, None]) * LOG2E)
             dp = _dot(do, tl.trans(v), DOT_F32, IS_F32)
             ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, DOT_F32, IS_F32)
+            if SAFE:  # see _bwd_fused_kernel
+                ds = tl.where(same, ds, 0.0)
+                k_ok = _finite(k)
+                dq += _poison(_dot(ds.to(k.dtype), tl.where(k_ok, k, 0.0), DOT_F32, IS_F32), tq, tkc, ~k_ok, N,
+                              DOT_F32, IS_F32)
+            else:
+                dq += _dot(ds.to(k.dtype), k, DOT_F32, IS_F32)
             if NEED_DBIAS:
                 if BK == TILE:
                     acc0 += ds
                 else:  # rotate: the slot of chunk kc is acc0 now, and acc3 after the shift
                     acc0, acc1, acc2, acc3 = acc1, acc2, acc3, acc0 + ds
+        dq = dq * scale
         g = qoo if LAYOUT == 0 else qoff
-        tl.store(dq_ptr + h * HD + g[:, None] + d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=omask)
+        tl.store(dq_ptr + h * HD + g[:, None] + d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=omask)
         tl.store(delta_ptr + lse_off, delta, mask=qvalid)
+        if G > 1 and not SAFE:
+            _flag_nonfinite(flag_ptr, prog, tl.sum(dq, 1))
     if NEED_DBIAS:
-        prog = chunk * HEADS + h
-        base = dbias_part_ptr + (prog.to(tl.int64) * TILE + tq[:, None]) * TILE + tk[None, :]
-        tl.store(base, acc0)
+        part = chunk * HEADS + h
+        redo = _redone(flag_ptr, prog, SAFE)
+        base = dbias_part_ptr + (part.to(tl.int64) * TILE + tq[:, None]) * TILE + tk[None, :]
+        tl.store(base, acc0, mask=redo)
         if BK < TILE:
-            tl.store(base + BK, acc1)
-            tl.store(base + 2 * BK, acc2)
-            tl.store(base + 3 * BK, acc3)
+            tl.store(base + BK, acc1, mask=redo)
+            tl.store(base + 2 * BK, acc2, mask=redo)
+            tl.store(base + 3 * BK, acc3, mask=redo)
 
 
 @triton.jit
 def _bwd_dkv_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, pad_ptr, dout_ptr, lse_ptr, delta_ptr,
-    dk_ptr, dv_ptr, dpad_part_ptr,
+    dk_ptr, dv_ptr, dpad_part_ptr, flag_ptr,
     NW_TOT, n_win, n_ww, H, W, HP, WP, C, tiles_per_prog,
     s_b, s_h, s_y, s_x, o_sb, o_sy, o_sx, bias_st, bias_sh, m_sw, m_si, n_mask_win, scale,
     HEADS: tl.constexpr, N: tl.constexpr, G: tl.constexpr, TILE: tl.constexpr, BN: tl.constexpr,
     BQ: tl.constexpr, HD: tl.constexpr, HD_PAD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, NEED_DPAD: tl.constexpr,
-    DOT_F32: tl.constexpr, IS_F32: tl.constexpr, PRE_BIAS: tl.constexpr,
+    DOT_F32: tl.constexpr, IS_F32: tl.constexpr, PRE_BIAS: tl.constexpr, SAFE: tl.constexpr,
 ):
     """Split backward, part 2: dK, dV of one key block against all queries of the tile (transposed),
     the queries walked in TILE // BQ chunks (one chunk when BQ == TILE)."""
@@ -406,6 +515,7 @@ def _bwd_dkv_kernel(
     chunk = tl.program_id(0)
     h = tl.program_id(1)
     kb = tl.program_id(2)
+    prog = (chunk * HEADS + h) * tl.num_programs(2) + kb
     tk = kb * BN + tl.arange(0, BN)
     tq = tl.arange(0, BQ)
     d = tl.arange(0, HD_PAD)
@@ -415,7 +525,7 @@ def _bwd_dkv_kernel(
         bias_pre = _bias_block(h, tk, tq, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, True)
     pad_dk = tl.zeros((HD_PAD,), dtype=tl.float32)
     pad_dv = tl.zeros((HD_PAD,), dtype=tl.float32)
-    for it in range(0, tiles_per_prog):
+    for it in range(0, _tiles_to_do(flag_ptr, prog, tiles_per_prog, SAFE)):
         tile = chunk * tiles_per_prog + it
         kw, kn, kvalid, kin, koff, koo, klab = _rows(
             tile, tk, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
@@ -443,23 +553,36 @@ def _bwd_dkv_kernel(
             m_c = (qw % n_mask_win).to(tl.int64) * m_sw + qn * m_si
             st = _scores(k, q, bias_t, same, klab, qlab, mask_ptr, kn, m_c, scale, SH, SW, LAYOUT, HAS_MASK,
                          DOT_F32, IS_F32)
-            pt = tl.exp2((st - lse[None, :]) * LOG2E)
-            dv += _dot(pt.to(do.dtype), do, DOT_F32, IS_F32)
-            dpt = _dot(v, tl.trans(do), DOT_F32, IS_F32)
-            dst = pt * (dpt - delta[None, :])
-            dk += _dot(dst.to(q.dtype), q, DOT_F32, IS_F32)
+            if SAFE:  # see _bwd_fused_kernel
+                lse_ok = lse == lse
+                pt = tl.exp2((st - tl.where(lse_ok, lse, float("inf"))[None, :]) * LOG2E)
+                q_ok, do_ok = _finite(q), _finite(do)
+                do = tl.where(do_ok, do, 0.0)
+                dst = tl.where(same, pt * (_dot(v, tl.trans(do), DOT_F32, IS_F32) - delta[None, :]), 0.0)
+                dv += _poison(_dot(pt.to(do.dtype), do, DOT_F32, IS_F32), tk, tqc, ~(do_ok & lse_ok[:, None]), N,
+                              DOT_F32, IS_F32)
+                dk += _poison(_dot(dst.to(q.dtype), tl.where(q_ok, q, 0.0), DOT_F32, IS_F32), tk, tqc, ~q_ok, N,
+                              DOT_F32, IS_F32)
+            else:
+                pt = tl.exp2((st - lse[None, :]) * LOG2E)
+                dv += _dot(pt.to(do.dtype), do, DOT_F32, IS_F32)
+                dpt = _dot(v, tl.trans(do), DOT_F32, IS_F32)
+                dst = pt * (dpt - delta[None, :])
+                dk += _dot(dst.to(q.dtype), q, DOT_F32, IS_F32)
         dk = dk * scale
         g = koo if LAYOUT == 0 else koff
         kmask = kin[:, None] & dmask
         tl.store(dk_ptr + h * HD + g[:, None] + d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kmask)
         tl.store(dv_ptr + h * HD + g[:, None] + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kmask)
+        if G > 1 and not SAFE:
+            _flag_nonfinite(flag_ptr, prog, tl.sum(dk, 1) + tl.sum(dv, 1))
         if NEED_DPAD:
             pad_dk += tl.sum(tl.where(kpad[:, None], dk, 0.0), 0)
             pad_dv += tl.sum(tl.where(kpad[:, None], dv, 0.0), 0)
     if NEED_DPAD:
-        prog = (chunk * HEADS + h) * tl.num_programs(2) + kb
-        tl.store(dpad_part_ptr + prog * 2 * HD_PAD + d, pad_dk)
-        tl.store(dpad_part_ptr + prog * 2 * HD_PAD + HD_PAD + d, pad_dv)
+        redo = _redone(flag_ptr, prog, SAFE)
+        tl.store(dpad_part_ptr + prog * 2 * HD_PAD + d, pad_dk, mask=redo)
+        tl.store(dpad_part_ptr + prog * 2 * HD_PAD + HD_PAD + d, pad_dv, mask=redo)
 
 
 # ----------------------------------------------------------------------------------------- launchers
@@ -639,13 +762,30 @@ class _Problem:
         )
 
 
+def _launch_passes(kernel, grid: tuple, ptrs: tuple, pb: _Problem, tiles_per_prog: int,
+                   candidates: list[dict], **consts) -> None:
+    """One launch with one window per tile. With packed windows (G > 1) two: the plain kernel, which flags
+    its programs whose results hold a non-finite value, then the SAFE pass, which redoes only those (see
+    the module docstring); a program the first pass did not flag exits at once. Each launch runs on the
+    tensors' device with the first of ``candidates`` that fits its shared memory."""
+    args = pb.args(tiles_per_prog)
+    with _on_device(pb.q):
+        if pb.cfg["G"] == 1:  # the flag pointer is unused
+            launch(kernel, grid, *ptrs, ptrs[0], *args, SAFE=False, candidates=candidates, **consts)
+            return
+        flags = torch.zeros(math.prod(grid), dtype=torch.int32, device=pb.q.device)
+        launch(kernel, grid, *ptrs, flags, *args, SAFE=False, candidates=candidates, **consts)
+        launch(kernel, grid, *ptrs, flags, *args, SAFE=True, candidates=candidates, **dict(consts, PRE_BIAS=False))
+
+
 def _forward(pb: _Problem, out: torch.Tensor, lse: torch.Tensor) -> None:
+    if pb.n_tiles == 0:  # no windows (a batch of 0 images): nothing to compute
+        return
     cfg = pb.cfg
     nq = cfg["TILE"] // cfg["BM_FWD"]
     chunks, tpp = _chunking(pb.n_tiles, pb.heads * nq, pb.q.device, waves=8)
-    with _on_device(pb.q):
-        launch(_fwd_kernel, (chunks, pb.heads, nq), *pb.ptrs(), out, lse, *pb.args(tpp),
-               BM=cfg["BM_FWD"], num_warps=cfg["WARPS"], candidates=launch_candidates(cfg, "fwd"), **pb.consts())
+    _launch_passes(_fwd_kernel, (chunks, pb.heads, nq), (*pb.ptrs(), out, lse), pb, tpp,
+                   launch_candidates(cfg, "fwd"), BM=cfg["BM_FWD"], num_warps=cfg["WARPS"], **pb.consts())
 
 
 def _backward(pb: _Problem, out, dout, lse, dq, dk, dv, need_dbias: bool, need_dpad: bool):
@@ -654,6 +794,9 @@ def _backward(pb: _Problem, out, dout, lse, dq, dk, dv, need_dbias: bool, need_d
     dev, f32 = pb.q.device, torch.float32
     need_dbias = need_dbias and pb.bias_table is not None
     need_dpad = need_dpad and pb.pad is not None
+    if pb.n_tiles == 0:  # no windows: the table and pad gradients are sums over nothing
+        dbias = pb.bias_table.new_zeros(pb.bias_table.shape, dtype=f32) if need_dbias else lse.new_empty(0)
+        return dbias, pb.pad.new_zeros(pb.heads, 2, pb.hd, dtype=f32) if need_dpad else None
     nq = 1 if cfg["FUSED"] else cfg["TILE"] // cfg["BM_BWD"]
     nk = 1 if cfg["FUSED"] else cfg["TILE"] // cfg["BN_BWD"]
     chunks, tpp = _chunking(pb.n_tiles, pb.heads * max(nq, nk), dev, waves=2)
@@ -661,20 +804,16 @@ def _backward(pb: _Problem, out, dout, lse, dq, dk, dv, need_dbias: bool, need_d
     dbias_part = torch.empty(chunks, pb.heads, tile, tile, device=dev, dtype=f32) if need_dbias else lse
     dpad_part = torch.empty(chunks * pb.heads * nk, 2, cfg["HD_PAD"], device=dev, dtype=f32) if need_dpad else lse
     consts = pb.consts(NEED_DPAD=need_dpad, num_warps=cfg["WARPS_BWD"])
-    with _on_device(pb.q):
-        if cfg["FUSED"]:
-            launch(_bwd_fused_kernel, (chunks, pb.heads), *pb.ptrs(), out, dout, lse, dq, dk, dv, dbias_part,
-                   dpad_part, *pb.args(tpp), NEED_DBIAS=need_dbias, candidates=launch_candidates(cfg, "fused"),
-                   **consts)
-        else:
-            delta = torch.empty_like(lse)
-            consts.pop("NEED_DPAD")
-            launch(_bwd_dq_kernel, (chunks, pb.heads, nq), *pb.ptrs(), out, dout, lse, delta, dq, dbias_part,
-                   *pb.args(tpp), BM=cfg["BM_BWD"], NEED_DBIAS=need_dbias, candidates=launch_candidates(cfg, "dq"),
-                   **consts)
-            launch(_bwd_dkv_kernel, (chunks, pb.heads, nk), *pb.ptrs(), dout, lse, delta, dk, dv, dpad_part,
-                   *pb.args(tpp), BN=cfg["BN_BWD"], NEED_DPAD=need_dpad, candidates=launch_candidates(cfg, "dkv"),
-                   **consts)
+    if cfg["FUSED"]:
+        _launch_passes(_bwd_fused_kernel, (chunks, pb.heads), (*pb.ptrs(), out, dout, lse, dq, dk, dv, dbias_part,
+                       dpad_part), pb, tpp, launch_candidates(cfg, "fused"), NEED_DBIAS=need_dbias, **consts)
+    else:
+        delta = torch.empty_like(lse)
+        consts.pop("NEED_DPAD")
+        _launch_passes(_bwd_dq_kernel, (chunks, pb.heads, nq), (*pb.ptrs(), out, dout, lse, delta, dq, dbias_part),
+                       pb, tpp, launch_candidates(cfg, "dq"), BM=cfg["BM_BWD"], NEED_DBIAS=need_dbias, **consts)
+        _launch_passes(_bwd_dkv_kernel, (chunks, pb.heads, nk), (*pb.ptrs(), dout, lse, delta, dk, dv, dpad_part),
+                       pb, tpp, launch_candidates(cfg, "dkv"), BN=cfg["BN_BWD"], NEED_DPAD=need_dpad, **consts)
     dbias = _reduce_dbias(dbias_part, pb.window, cfg["G"], tile) if need_dbias else lse.new_empty(0)
     dpad = (dpad_part.view(chunks, pb.heads, nk, 2, cfg["HD_PAD"]).sum((0, 2))[..., :pb.hd]
             if need_dpad else None)

@@ -26,6 +26,18 @@ float scale) -> (Tensor out, Tensor lse)``
 Tensor? mask, int window_h, int window_w, float scale, bool need_dbias) -> (Tensor dq, Tensor dk,
 Tensor dv, Tensor dbias)``
     dout (B*nW, heads, N, hd) with unit last stride; dq, dk, dv laid out like ``out``; dbias as above.
+
+Every op, both layouts:
+    * lse[w, h, i] = log sum_j exp(logit[i, j]) (natural log) of query i; +inf for a query whose logits
+      are all -inf (every key masked): its output is 0 and, since exp(logit - lse) is then 0 for every
+      key, its gradients are 0 (PyTorch's SDPA math path and FlexAttention define such a row the same
+      way; FlashAttention stores the same +inf). NaN for a query whose logits hold a NaN.
+    * Windows are independent: a NaN/inf in one window's q, k, v, dout or mask (or a pad vector, in the
+      windows holding padding) makes non-finite exactly the outputs and gradients the dense per-window
+      computation (the eager reference) makes non-finite, never another window's, also where the Triton
+      kernels pack several small windows into one tile. dbias and dpad sum over all windows, as in the
+      reference; dpad's q third is always 0 (padded outputs are discarded).
+    * B*nW = 0: empty outputs, zero dbias / dpad.
 """
 
 from __future__ import annotations

@@ -18,11 +18,14 @@ def region_match(student_feats: torch.Tensor, teacher_feats: torch.Tensor) -> to
     """(B, Ts, D), (B, Tt, D) -> (B, Ts) index of the most cosine-similar teacher token.
 
     Ties resolve to the lowest teacher index (``torch.max`` over dim 2 of the B x Ts x Tt matrix, with a
-    stable first-occurrence argmax).
+    stable first-occurrence argmax). A NaN similarity wins, as NaN does in ``torch.max``: the lowest-index
+    NaN is chosen (index 0 for a token whose similarities are all NaN), so the result is always in [0, Tt)
+    and a NaN feature reaches the loss instead of being matched around.
     """
     s = F.normalize(student_feats.float(), dim=-1)
     t = F.normalize(teacher_feats.float(), dim=-1)
     sim = s @ t.transpose(1, 2)  # B x Ts x Tt
+    sim = sim.masked_fill(~sim.isfinite(), float("inf"))  # above every cosine: NaN wins, lowest index first
     best = sim.max(dim=2, keepdim=True).values
     tt = sim.shape[2]
     ar = torch.arange(tt, device=sim.device).expand_as(sim)

@@ -63,15 +63,16 @@ def window_partition(x: torch.Tensor, window_size: tuple[int, int]) -> torch.Ten
     b, h, w, c = x.shape
     wh, ww = window_size
     x = x.view(b, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, wh * ww, c)
+    return x.reshape(b * (h // wh) * (w // ww), wh * ww, c)
 
 
 def window_reverse(windows: torch.Tensor, window_size: tuple[int, int], h: int, w: int) -> torch.Tensor:
     """Inverse of :func:`window_partition`: (B * nW, Wh * Ww, C) -> (B, H, W, C)."""
     wh, ww = window_size
     c = windows.shape[-1]
-    x = windows.view(-1, h // wh, w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, h, w, c)
+    b = windows.shape[0] // ((h // wh) * (w // ww))
+    x = windows.view(b, h // wh, w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h, w, c)
 
 
 def shift_mask(
@@ -104,7 +105,7 @@ def window_attention(
     """Attention inside windows, as the official ``WindowAttention.forward`` computes it.
 
     q, k, v: (B*nW, heads, N, head_dim); mask: additive (nW, N, N), window b uses ``mask[b % nW]``.
-    Returns (B*nW, heads, N, head_dim) in the dtype of q.
+    Returns (B*nW, heads, N, head_dim) in the dtype of q. A query whose logits are all -inf gets 0.
     """
     bw, heads, n, hd = q.shape
     scale = hd**-0.5 if scale is None else scale
@@ -115,7 +116,10 @@ def window_attention(
         nw = mask.shape[0]
         attn = attn.view(bw // nw, nw, heads, n, n) + mask.to(attn.dtype)[None, :, None]
         attn = attn.view(bw, heads, n, n)
-    attn = attn.softmax(dim=-1)
+    # A query whose every logit is -inf (a mask hiding all keys) gets output 0 and zero gradients, as
+    # PyTorch's SDPA math path (_safe_softmax) and FlexAttention define it; other rows are bitwise untouched.
+    empty = attn.amax(dim=-1, keepdim=True) == float("-inf")
+    attn = attn.masked_fill(empty, 0.0).softmax(dim=-1).masked_fill(empty, 0.0)
     return attn @ v
 
 
@@ -146,10 +150,10 @@ def shifted_window_attention(
         if (hp, wp) == (h, w):
             return x
         x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
-        if pad_qkv is not None:
-            outside = torch.ones(hp, wp, dtype=x.dtype, device=x.device)
-            outside[:h, :w] = 0
-            x = x + outside[None, :, :, None] * pad_qkv.to(x.dtype)
+        if pad_qkv is not None:  # a select: 0 * a NaN pad vector must not reach the real tokens
+            outside = torch.ones(hp, wp, dtype=torch.bool, device=x.device)
+            outside[:h, :w] = False
+            x = torch.where(outside[None, :, :, None], pad_qkv.to(x.dtype), x)
         return x
 
     x = qkv

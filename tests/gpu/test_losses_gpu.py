@@ -167,3 +167,34 @@ def test_peak_memory_and_time_swin_t_b32():
           f"{ref_ms:.2f} ms | student grads alone {grads / 2**30:.2f} GiB")
     assert fused_mem < grads * 1.1 + 64 * 2**20
     assert fused_mem * 3 < ref_mem
+
+
+# ------------------------------------------------------------------------------------------ bad values, empty input
+
+
+def _loss_backends():
+    return ["triton"] + (["cuda"] if ek.available_backends()["cuda"].available else [])
+
+
+def test_region_match_nan_gpu():
+    from ..test_losses import check_region_match_nan
+
+    check_region_match_nan(_loss_backends(), device="cuda")
+
+
+def test_nan_gives_nonfinite_loss_gpu():
+    from ..test_losses import check_nan_gives_nonfinite_loss
+
+    check_nan_gives_nonfinite_loss(_loss_backends(), device="cuda")
+
+
+def test_empty_inputs_gpu():
+    from ..test_losses import check_empty_inputs
+
+    check_empty_inputs(_loss_backends(), device="cuda")
+
+
+def test_center_float64_gpu():
+    from ..test_losses import check_center_float64
+
+    check_center_float64(_loss_backends(), device="cuda")

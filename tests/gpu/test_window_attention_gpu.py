@@ -89,3 +89,36 @@ def test_patched_timm_swin_tiny_gpu(backend):
             out, want = model(x).float(), ref(x).float()
         rel = (out - want).abs().max() / want.abs().max()
         assert rel < 3e-2, f"{size}px: relative error {rel:.3g}"
+
+
+# ----------------------------------------------------------------------------- non-finite input, empty rows, B = 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("ws", [2, 3, 4, 7])
+def test_nonfinite_stays_in_its_window_gpu(ws, dtype, backend):
+    from ..test_window_attention_nonfinite import run_map_nonfinite, run_windows_nonfinite
+
+    torch.manual_seed(0)
+    run_map_nonfinite(ws, DTYPES[dtype], backend, device="cuda")
+    run_windows_nonfinite(ws, DTYPES[dtype], backend, device="cuda")
+    if ws == 3:
+        run_map_nonfinite(ws, DTYPES[dtype], backend, device="cuda", pad=True)
+        run_map_nonfinite(ws, DTYPES[dtype], backend, device="cuda", hd=64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("ws", [3, 7, 8])
+def test_empty_rows_gpu(ws, dtype, backend):
+    from ..test_window_attention_nonfinite import run_empty_rows
+
+    torch.manual_seed(0)
+    run_empty_rows(ws, DTYPES[dtype], backend, device="cuda")
+
+
+def test_empty_inputs_gpu():
+    from ..test_window_attention_errors import check_empty_inputs
+
+    check_empty_inputs(BACKENDS, device="cuda")
