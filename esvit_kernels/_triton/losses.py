@@ -371,6 +371,14 @@ def region_match(student: torch.Tensor, teacher: torch.Tensor, crop_offset: int)
     return out
 
 
+# The loss kernels compute each scaled logit y = x * log2(e) / T once and subtract statistics taken from
+# it (max, log-sum-exp): with fused multiply-adds the compiler would compute x * s - lse2 from the unrounded
+# product, so the row's maximum no longer gives exactly 2^(-log2 S). At |x / T| ~ 1e5 (tested) that moved the
+# fp32 loss by 1e-3 relative on an H200 while the interpreter and the reference agreed to 1e-7; without
+# contraction the GPU rounds like them. The kernels are memory-bound: the unfused instructions are free.
+_NO_FMA = {"enable_fp_fusion": False}
+
+
 def teacher_stats(
     teacher: torch.Tensor, center: torch.Tensor, teacher_temp: float, want_mean: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,7 +402,7 @@ def teacher_stats(
     with _device(teacher):
         launch(_teacher_stats_kernel, (groups, nkb),
             teacher, center, pmax, psum, colsum, r, k, rows_per_group, LOG2E / teacher_temp,
-            BLOCK_R=block_r, BLOCK_K=block_k, WANT_SUM=want_mean, num_warps=8,
+            BLOCK_R=block_r, BLOCK_K=block_k, WANT_SUM=want_mean, num_warps=8, **_NO_FMA,
         )
     mx = pmax.max(dim=0).values
     lse2 = mx + torch.log2((psum * torch.exp2(pmax - mx)).sum(dim=0))
@@ -432,6 +440,7 @@ def region_ce_forward(
             launch(_region_ce_fwd_kernel, (rows,),
                 *ptrs, ce, slse, grad, *scalars, weight / student_temp,
                 BLOCK_K=block_k, ONE_BLOCK=k <= block_k, WRITE_GRAD=write_grad, num_warps=_warps(block_k),
+                **_NO_FMA,
             )
     return ce.sum() * weight, slse, grad
 
@@ -451,7 +460,7 @@ def region_ce_backward(
         with _device(student):
             launch(_region_ce_bwd_kernel, (v * b * ts,),
                 grad_loss, *ptrs, student_lse2, grad, *scalars, weight / student_temp,
-                BLOCK_K=block_k, num_warps=_warps(block_k),
+                BLOCK_K=block_k, num_warps=_warps(block_k), **_NO_FMA,
             )
     return grad
 
@@ -476,7 +485,7 @@ def dino_ce_forward(
                 student, teacher, teacher_lse2, center, ce, slse, grad, b, s, t, k, LOG2E / student_temp,
                 LOG2E / teacher_temp, weight / student_temp,
                 S_PAD=s_pad, BLOCK_K=block_k, ONE_BLOCK=k <= block_k, WRITE_GRAD=write_grad,
-                num_warps=_warps(s_pad * block_k),
+                num_warps=_warps(s_pad * block_k), **_NO_FMA,
             )
     return ce.sum() * weight, slse, grad
 
@@ -495,7 +504,7 @@ def dino_ce_backward(
             launch(_dino_ce_bwd_kernel, (b,),
                 grad_loss, student, teacher, teacher_lse2, center, student_lse2, grad, b, s, teacher.shape[0], k,
                 LOG2E / student_temp, LOG2E / teacher_temp, weight / student_temp,
-                S_PAD=s_pad, BLOCK_K=block_k, num_warps=_warps(s_pad * block_k),
+                S_PAD=s_pad, BLOCK_K=block_k, num_warps=_warps(s_pad * block_k), **_NO_FMA,
             )
     return grad
 
