@@ -60,7 +60,7 @@ class Stage:
     details: dict = field(default_factory=dict)
 
 
-def _stages(args: argparse.Namespace) -> dict[str, Stage]:
+def _stages() -> dict[str, Stage]:
     s = [
         Stage("setup", 90, 5, "pip install -e . (no deps, no build isolation, no downloads)"),
         Stage("env", 60, 5, "GPU, driver, versions, copy bandwidth, bf16 matmul rate"),
@@ -123,11 +123,6 @@ def _base_env() -> dict:
     return env
 
 
-def _has_module(name: str) -> bool:
-    out = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, timeout=60)
-    return out.returncode == 0
-
-
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -140,7 +135,7 @@ class Driver:
         self.out.mkdir(parents=True, exist_ok=True)
         self.t0 = time.monotonic()
         self.budget = args.budget_s
-        self.stages = _stages(args)
+        self.stages = _stages()
         self.env_info: dict = {}
         self.env = _base_env()
         self.py = sys.executable
@@ -261,7 +256,7 @@ class Driver:
         if counts:
             st.note = (f"{counts['passed']} passed, {counts['failed']} failed, {counts['errors']} errors, "
                        f"{counts['skipped']} skipped")
-            if st.status == "failed" and rc in (1,) and not counts["failed"] and not counts["errors"]:
+            if st.status == "failed" and rc == 1 and not counts["failed"] and not counts["errors"]:
                 st.status = "ok"
         else:
             st.note = "no JUnit report (cut or crashed before the end): " + _tail(self.log(st), 2).replace("\n", " ")
@@ -441,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "gpu-check-out")
     ap.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="wall time of the whole call")
-    ap.add_argument("--only", nargs="+", choices=list(_stages(argparse.Namespace())), default=None,
+    ap.add_argument("--only", nargs="+", choices=list(_stages()), default=None,
                     help="run only these stages (the env probe always runs)")
     ap.add_argument("--no-install", action="store_true", help="skip the pip install -e step")
     args = ap.parse_args(argv)

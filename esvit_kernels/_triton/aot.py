@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
+from ..backends import triton_interpreting
+
 __all__ = ["launch", "capture", "compile_launch", "resource_usage", "occupancy", "sm_count", "Launch",
            "AotCase", "ARCH_LIMITS", "SharedMemoryError"]
 
@@ -96,10 +98,6 @@ def _device_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _variant_key(kernel, args: tuple, kwargs: dict) -> tuple:
     """What decides the compiled variant's resources: constexprs and launch options, argument dtypes,
     integer arguments equal to 1 (Triton specializes them away) and 16-divisibility (alignment)."""
@@ -139,7 +137,7 @@ def launch(kernel, grid, *args, candidates: Sequence[dict] | None = None, **kwar
                      kwargs, f"sm_{cap.arch}") if cap.arch else cands[0]
         _capturing.launches.append(Launch(kernel, tuple(grid), args, {**kwargs, **pick}))
         return pick
-    if len(cands) == 1 or _interpreting():
+    if len(cands) == 1 or triton_interpreting():
         pick = cands[0]
     else:
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
