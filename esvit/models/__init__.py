@@ -11,6 +11,7 @@ from torch import nn
 from esvit_kernels.nn import WindowAttention
 
 from .convert import convert_swin_state_dict, load_swin_weights
+from .cvt import CVT_ARCHS, CvTAttention, CvTTransformer, min_input_size
 from .heads import DINOHead
 from .resnet import ResNetBackbone
 from .swin import SWIN_ARCHS, SwinTransformer
@@ -19,6 +20,8 @@ from .wrapper import MultiCropOutput, MultiCropWrapper
 
 __all__ = [
     "ARCHS",
+    "CVT_ARCHS",
+    "CvTTransformer",
     "DINOHead",
     "MultiCropOutput",
     "MultiCropWrapper",
@@ -34,13 +37,17 @@ __all__ = [
     "set_backend",
 ]
 
-ARCHS: tuple[str, ...] = (*SWIN_ARCHS, *VIT_ARCHS, "resnet50")
+ARCHS: tuple[str, ...] = (*SWIN_ARCHS, *VIT_ARCHS, "resnet50", *CVT_ARCHS)
 
 
 def min_crop_size(name: str, patch_size: int = 16) -> int:
-    """Smallest crop (pixels) the architecture can embed: one patch (Swin 4, ViT ``patch_size``, ResNet 32)."""
+    """Smallest crop (pixels) the architecture can embed: one patch (Swin 4, ViT ``patch_size``, ResNet 32,
+    CvT one token after its strided token embeddings: 3)."""
     if name in SWIN_ARCHS:
         return 4
+    if name in CVT_ARCHS:
+        a = CVT_ARCHS[name]
+        return min_input_size(a.patch_sizes, a.patch_strides, a.patch_paddings)
     if name in VIT_ARCHS:
         return patch_size
     return 32
@@ -51,17 +58,19 @@ def create_backbone(
     drop_path_rate: float | None = None, use_checkpoint: bool = False, **kwargs,
 ) -> nn.Module:
     """Build a backbone by name: swin_micro | swin_micro_conv | swin_tiny | swin_small | swin_base | deit_small |
-    vit_base | resnet50.
+    vit_base | resnet50 | cvt_micro | cvt_v4_s1 (and its _rpe, _shift, _rpe_shift variants).
 
     Args:
-        window_size: Swin window (7 or 14); ignored by the others.
-        img_size: global crop size; fixes Swin's per-stage windows and the ViT position-embedding grid.
-        backend: window-attention backend for Swin ("auto" | "triton" | "cuda" | "torch").
+        window_size: Swin / CvT window (7 or 14); ignored by the others.
+        img_size: global crop size; fixes Swin's per-stage windows and the ViT position-embedding grid
+            (CvT picks its windows per map, as the official code).
+        backend: window-attention backend for Swin and CvT ("auto" | "triton" | "cuda" | "torch").
         drop_path_rate: None = the architecture's default (0.1 for T, 0.2 for S/B, 0.1 for the ViTs);
             pass 0 for a teacher.
         use_checkpoint: gradient (activation) checkpointing of every block.
         kwargs: overrides of the architecture's fields (Swin: embed_dim, depths, num_heads, mlp_ratio,
-            norm_eps, patch_size; ViT: embed_dim, depth, num_heads, patch_size, norm_eps).
+            norm_eps, patch_size; ViT: embed_dim, depth, num_heads, patch_size, norm_eps; CvT: the fields of
+            :class:`esvit.models.cvt.CvTArch`, e.g. shift, rel_pos_embed).
     """
     if name in SWIN_ARCHS:
         a = SWIN_ARCHS[name]
@@ -80,12 +89,24 @@ def create_backbone(
         if kwargs:
             raise ValueError(f"resnet50 takes no architecture overrides, got {sorted(kwargs)}")
         return ResNetBackbone(50, use_checkpoint=use_checkpoint)
+    if name in CVT_ARCHS:
+        return _cvt(name, window_size=window_size, backend=backend, drop_path_rate=drop_path_rate,
+                    use_checkpoint=use_checkpoint, **kwargs)
     raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHS)}")
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
     """Switch every fused window-attention module of ``model`` to ``backend`` (weights unchanged)."""
     for m in model.modules():
-        if isinstance(m, WindowAttention):
+        if isinstance(m, (WindowAttention, CvTAttention)):
             m.backend = backend
     return model
+
+
+def _cvt(name: str, *, drop_path_rate: float | None = None, **kwargs) -> CvTTransformer:
+    """A CvT preset with ``kwargs`` overriding its fields (and window_size, backend, use_checkpoint)."""
+    spec = vars(CVT_ARCHS[name]).copy()
+    if drop_path_rate is not None:
+        spec["drop_path_rate"] = drop_path_rate
+    spec.update(kwargs)
+    return CvTTransformer(**spec)
