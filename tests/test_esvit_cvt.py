@@ -15,6 +15,7 @@ from tests import esvit_helpers
 from tests.conftest import requires_triton
 
 one_thread = esvit_helpers.one_thread  # fixture
+cache = esvit_helpers.cache  # fixture
 
 
 def _perturb(model: nn.Module) -> nn.Module:
@@ -229,3 +230,27 @@ def test_block_is_pre_norm_residual():
         want = y + blk.mlp[2](h * torch.sigmoid(1.702 * h))  # QuickGELU
         torch.testing.assert_close(blk(x), want)
     assert blk.norm1.eps == blk.norm2.eps == 1e-5
+
+
+def test_pretrain_then_evaluate_cvt_micro(tmp_path, cache, capsys):
+    """`esvit pretrain --arch cvt_micro` writes a checkpoint whose teacher rebuilds as a CvT; k-NN and the
+    linear probe (n last blocks) run on it."""
+    from esvit.checkpoint import load_backbone
+    from esvit.cli import main
+    from esvit.data import make_dataset
+
+    out = tmp_path / "run"
+    assert main(esvit_helpers.tiny_args(out, cache, "--arch", "cvt_micro", "--epochs", "1")) == 0
+    model, cfg = load_backbone(out / "checkpoint.pth", backend="torch")
+    assert isinstance(model, CvTTransformer) and cfg["model"]["arch"] == "cvt_micro"
+    state = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state["teacher"][f"backbone.{k}"]), k
+    data = tmp_path / "data"
+    make_dataset(data, num_images=24, num_classes=3, val_fraction=0.25, image_size=32)
+    common = ["--checkpoint", str(out / "checkpoint.pth"), "--train-data", str(data), "--val-data", str(data),
+              "--num-workers", "0"]
+    assert main(["eval-knn", *common, "--k", "3"]) == 0
+    assert main(["eval-linear", *common, "--epochs", "2", "--n-last-blocks", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "cvt_micro at 32 px" in text and "best: top-1" in text

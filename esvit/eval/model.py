@@ -17,6 +17,7 @@ from ..errors import CheckpointError, ConfigError
 from ..models import (
     ARCHS,
     VIT_ARCHS,
+    CvTTransformer,
     ResNetBackbone,
     SwinTransformer,
     VisionTransformer,
@@ -44,7 +45,7 @@ class EvalModel:
 
 
 def _attention_backend(backbone: nn.Module, requested: str, device: torch.device) -> str:
-    if not isinstance(backbone, SwinTransformer):
+    if not isinstance(backbone, (SwinTransformer, CvTTransformer)):
         return "-"
     from esvit_kernels.backends import resolve_backend
 
@@ -193,9 +194,9 @@ def model_from_args(args: argparse.Namespace, device: torch.device) -> EvalModel
 
 
 def token_grid(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Final region features (B, h*w, C), row-major, and their grid (h, w): Swin's final-LN tokens, a ViT's
+    """Final region features (B, h*w, C), row-major, and their grid (h, w): Swin's / CvT's final-LN tokens, a ViT's
     patch tokens, a ResNet's final map positions."""
-    if isinstance(backbone, SwinTransformer):
+    if isinstance(backbone, (SwinTransformer, CvTTransformer)):
         return backbone.forward_features(x)
     if isinstance(backbone, VisionTransformer):
         _, patches = backbone(x)

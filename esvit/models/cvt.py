@@ -294,14 +294,14 @@ class CvTTransformer(nn.Module):
                 x = self._run_block(blk, x)
                 yield i, x
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Final-LayerNorm tokens of the last stage, (B, L, C), row-major."""
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Final-LayerNorm tokens of the last stage (B, L, C), row-major, and their grid (H, W)."""
         (_, x), = deque(self._blocks(x), maxlen=1)
-        return self.norm(x.flatten(1, 2))
+        return self.norm(x.flatten(1, 2)), (x.shape[1], x.shape[2])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, 3, H, W) -> (view feature = mean of the region tokens (B, C), region tokens (B, L, C))."""
-        regions = self.forward_features(x)
+        regions, _ = self.forward_features(x)
         return regions.mean(dim=1), regions
 
     def forward_return_n_last_blocks(self, x: torch.Tensor, n: int = 4) -> torch.Tensor:
