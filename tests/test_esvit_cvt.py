@@ -254,3 +254,16 @@ def test_pretrain_then_evaluate_cvt_micro(tmp_path, cache, capsys):
     assert main(["eval-linear", *common, "--epochs", "2", "--n-last-blocks", "2"]) == 0
     text = capsys.readouterr().out
     assert "cvt_micro at 32 px" in text and "best: top-1" in text
+
+
+def test_presets_build_the_table_8_cvt():
+    from esvit.config import load_config, validate
+    from esvit.train import build_backbone
+
+    vr = validate(load_config(esvit_helpers.REPO / "configs" / "cvt_v4_s1.yaml"))
+    v = validate(load_config(esvit_helpers.REPO / "configs" / "cvt_v4_s1_v.yaml"))
+    assert (vr["loss"]["region_weight"], v["loss"]["region_weight"], v["loss"]["view_weight"]) == (0.5, 0.0, 1.0)
+    student, teacher = build_backbone(vr), build_backbone(vr, teacher=True)
+    assert isinstance(student, CvTTransformer) and student.window_size == 7
+    assert sum(p.numel() for p in student.parameters()) == 29_303_616
+    assert max(b.drop_path.p for s in teacher.stages for b in s.blocks) == 0.0
