@@ -1,7 +1,8 @@
 """Models suite: images/s of whole backbones (inference, backbone training step, full EsViT step) and the
 largest batch that fits on the GPU.
 
-Models: Swin-T/S/B (W7, 224 px) and the DeiT-S / ViT-B/16 / ResNet-50 baselines. Providers: our backbones
+Models: Swin-T/S/B (W7, 224 px), EsViT's windowed CvT (``cvt_v4_s1``, Table 8; W7, no timm peer) and the
+DeiT-S / ViT-B/16 / ResNet-50 baselines. Providers: our backbones
 from ``esvit.models.create_backbone(name, window_size=7, img_size=224, backend=...)`` (forward(x) ->
 (view_feat, region_tokens)) with backend triton / cuda / torch, timm's models (``forward_features``, never
 pretrained weights), and timm's Swin patched onto our kernels (``patch_timm_swin``). ``esvit`` is written
@@ -185,9 +186,13 @@ def _step_check(backend: str) -> Callable[[ModelInputs, str], str | None]:
 def providers(model: str, scope: str) -> list[Provider]:
     """The providers of one model and scope."""
     if scope == "esvit_step":
-        backends = ("triton", "cuda", "torch") if model.startswith("swin") else ("auto", "torch")
+        backends = ("triton", "cuda", "torch") if _fused(model) else ("auto", "torch")
         return [Provider(f"esvit+{b}", "ours", _esvit_step(b), _step_check(b), note=f"full EsViT step, backend='{b}'")
                 for b in backends]
+    if model not in TIMM_NAMES:  # CvT: timm has no windowed CvT; the peer is our model on the eager attention
+        return [Provider(f"esvit+{b}", "ours" if b != "torch" else "peer", _esvit(b), _esvit_check(b),
+                         note="" if b != "torch" else "eager window attention (no timm peer)")
+                for b in ("triton", "cuda", "torch")]
     if model.startswith("swin"):
         out = [Provider(f"esvit+{b}", "ours", _esvit(b), _esvit_check(b)) for b in ("triton", "cuda", "torch")]
         out += [Provider(f"timm+{b}", "ours", _timm(b), _backend_check(b),
@@ -198,16 +203,21 @@ def providers(model: str, scope: str) -> list[Provider]:
     return out + [Provider("timm", "peer", _timm(None), note=f"timm.create_model('{TIMM_NAMES[model]}')")]
 
 
+def _fused(model: str) -> bool:
+    """Whether the model runs the fused window attention (Swin, CvT): then one provider per backend."""
+    return model.startswith(("swin", "cvt"))
+
+
 # ------------------------------------------------------------------------------------------------ plan
 
 
 def plan(device: torch.device, quick: bool) -> tuple[list[str], int, int, str]:
     """(models, image size, fixed batch, dtype). The CPU smoke pass uses 64-px images (a path check)."""
     if device.type != "cuda":
-        return ["swin_tiny", "deit_small"], 64, 2, "fp32"
+        return ["swin_tiny", "cvt_v4_s1", "deit_small"], 64, 2, "fp32"
     if quick:
         return ["swin_tiny", "deit_small"], 224, 32, "bf16"
-    return ["swin_tiny", "swin_small", "swin_base", "deit_small", "vit_base", "resnet50"], 224, 128, "bf16"
+    return ["swin_tiny", "swin_small", "swin_base", "cvt_v4_s1", "deit_small", "vit_base", "resnet50"], 224, 128, "bf16"
 
 
 def _post(records: list[Record], batch: int) -> list[Record]:
@@ -221,7 +231,7 @@ def _post(records: list[Record], batch: int) -> list[Record]:
 def _case(ctx: RunContext, model: str, scope: str, img: int, batch: int, dtype: str) -> Case:
     train = not scope.startswith("infer")
     return Case(suite="models", scope=scope, shape_name=f"{model}-{img}px", shape={"model": model, "img": img,
-                "timm_name": TIMM_NAMES[model], "batch": batch}, dtype=dtype,
+                "timm_name": TIMM_NAMES.get(model, "-"), "batch": batch}, dtype=dtype,
                 modes={"backbone_train": ("fwd+bwd",), "esvit_step": ("step",)}.get(scope.removesuffix("_max_batch"),
                                                                                     ("fwd",)),
                 make_inputs=lambda: make_inputs(model, img, batch, dtype, train, ctx.device),
