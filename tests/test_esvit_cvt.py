@@ -267,3 +267,49 @@ def test_presets_build_the_table_8_cvt():
     assert isinstance(student, CvTTransformer) and student.window_size == 7
     assert sum(p.numel() for p in student.parameters()) == 29_303_616
     assert max(b.drop_path.p for s in teacher.stages for b in s.blocks) == 0.0
+
+
+def test_official_checkpoint_keys_convert():
+    """An official EsViT CvT checkpoint (names of models/cvt_v4_transformer.py, 1x1 convolutions, module./
+    backbone. prefixes, projection heads, derived rel_pos_idx) loads strictly, every tensor where it belongs."""
+    from esvit.models.cvt import convert_cvt_state_dict
+
+    model = create_backbone("cvt_micro", rel_pos_embed=True, backend="torch")
+    dims, mapping = (32, 64, 128), {}
+    for i, c in enumerate(dims):
+        k, cin = (7, 3) if i == 0 else (3, dims[i - 1])
+        mapping[f"stage{i}.0.proj.weight"] = (f"stages.{i}.embed.proj.weight", (c, cin, k, k))
+        for p in ("proj.bias", "norm.weight", "norm.bias"):
+            mapping[f"stage{i}.0.{p}"] = (f"stages.{i}.embed.{p}", (c,))
+        for j in range(2):
+            o, n = f"stage{i}.1.layers.{j}", f"stages.{i}.blocks.{j}"
+            mapping.update({
+                f"{o}.0.norm.weight": (f"{n}.norm1.weight", (c,)), f"{o}.0.norm.bias": (f"{n}.norm1.bias", (c,)),
+                f"{o}.0.fn.qkv.dw.weight": (f"{n}.attn.qkv.dw.weight", (c, 1, 3, 3)),
+                f"{o}.0.fn.qkv.bn.weight": (f"{n}.attn.qkv.bn.weight", (c,)),
+                f"{o}.0.fn.qkv.bn.bias": (f"{n}.attn.qkv.bn.bias", (c,)),
+                f"{o}.0.fn.qkv.bn.running_mean": (f"{n}.attn.qkv.bn.running_mean", (c,)),
+                f"{o}.0.fn.qkv.bn.running_var": (f"{n}.attn.qkv.bn.running_var", (c,)),
+                f"{o}.0.fn.qkv.pw.weight": (f"{n}.attn.qkv.pw.weight", (3 * c, c, 1, 1)),
+                f"{o}.0.fn.qkv.pw.bias": (f"{n}.attn.qkv.pw.bias", (3 * c,)),
+                f"{o}.0.fn.proj_out.weight": (f"{n}.attn.proj.weight", (c, c, 1, 1)),
+                f"{o}.0.fn.proj_out.bias": (f"{n}.attn.proj.bias", (c,)),
+                f"{o}.0.fn.rel_pos_bias_table": (f"{n}.attn.rel_pos_bias_table", (169, c // 32)),
+                f"{o}.1.norm.weight": (f"{n}.norm2.weight", (c,)), f"{o}.1.norm.bias": (f"{n}.norm2.bias", (c,)),
+                f"{o}.1.fn.net.0.weight": (f"{n}.mlp.0.weight", (4 * c, c, 1, 1)),
+                f"{o}.1.fn.net.0.bias": (f"{n}.mlp.0.bias", (4 * c,)),
+                f"{o}.1.fn.net.2.weight": (f"{n}.mlp.2.weight", (c, 4 * c, 1, 1)),
+                f"{o}.1.fn.net.2.bias": (f"{n}.mlp.2.bias", (c,)),
+            })
+    mapping["norm.weight"], mapping["norm.bias"] = ("norm.weight", (128,)), ("norm.bias", (128,))
+    official = {k: torch.randn(shape) for k, (_, shape) in mapping.items()}
+    official.update({k.replace("running_mean", "num_batches_tracked"): torch.tensor(7)
+                     for k in official if k.endswith("running_mean")})
+    ckpt = {"teacher": {f"module.backbone.{k}": v for k, v in official.items()} | {
+        "module.backbone.stage0.1.layers.0.0.fn.rel_pos_idx": torch.zeros(49, 49, dtype=torch.long),
+        "module.head.mlp.0.weight": torch.ones(4, 4), "module.head_dense.last_layer.weight_g": torch.ones(4, 1)}}
+    model.load_state_dict(convert_cvt_state_dict(ckpt), strict=True)
+    state = model.state_dict()
+    for k, (ours, _) in mapping.items():
+        assert torch.equal(state[ours], official[k].reshape(state[ours].shape)), k
+    assert int(state["stages.2.blocks.1.attn.qkv.bn.num_batches_tracked"]) == 7

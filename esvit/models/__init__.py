@@ -11,7 +11,7 @@ from torch import nn
 from esvit_kernels.nn import WindowAttention
 
 from .convert import convert_swin_state_dict, load_swin_weights
-from .cvt import CVT_ARCHS, CvTAttention, CvTTransformer, min_input_size
+from .cvt import CVT_ARCHS, CvTAttention, CvTTransformer, convert_cvt_state_dict, min_input_size
 from .heads import DINOHead
 from .resnet import ResNetBackbone
 from .swin import SWIN_ARCHS, SwinTransformer
@@ -30,6 +30,7 @@ __all__ = [
     "SwinTransformer",
     "VIT_ARCHS",
     "VisionTransformer",
+    "convert_cvt_state_dict",
     "convert_swin_state_dict",
     "create_backbone",
     "load_swin_weights",

@@ -32,7 +32,9 @@ official ``avg_pool`` of the normed map).
 
 from __future__ import annotations
 
+import re
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -42,9 +44,11 @@ from torch.utils.checkpoint import checkpoint
 
 from esvit_kernels.functional import shifted_window_attention
 
+from .convert import _unwrap
 from .layers import DropPath, drop_path_schedule
 
-__all__ = ["CVT_ARCHS", "CvTArch", "CvTAttention", "CvTTransformer", "QuickGELU", "cvt_window", "min_input_size"]
+__all__ = ["CVT_ARCHS", "CvTArch", "CvTAttention", "CvTTransformer", "QuickGELU", "convert_cvt_state_dict",
+           "cvt_window", "min_input_size"]
 
 
 @dataclass(frozen=True)
@@ -312,3 +316,32 @@ class CvTTransformer(nn.Module):
         last = len(self.stages) - 1
         outs = list(self._blocks(x))[-n:]
         return torch.cat([(self.norm(t) if i == last else t).mean(dim=(1, 2)) for i, t in outs], dim=-1)
+
+
+# official cvt_v4 names -> ours (after the ``module.`` / ``backbone.`` prefixes are stripped)
+_OFFICIAL_KEYS = (
+    (r"^stage(\d+)\.0\.", r"stages.\1.embed."),
+    (r"^stage(\d+)\.1\.layers\.(\d+)\.0\.norm\.", r"stages.\1.blocks.\2.norm1."),
+    (r"^stage(\d+)\.1\.layers\.(\d+)\.0\.fn\.proj_out\.", r"stages.\1.blocks.\2.attn.proj."),
+    (r"^stage(\d+)\.1\.layers\.(\d+)\.0\.fn\.", r"stages.\1.blocks.\2.attn."),
+    (r"^stage(\d+)\.1\.layers\.(\d+)\.1\.norm\.", r"stages.\1.blocks.\2.norm2."),
+    (r"^stage(\d+)\.1\.layers\.(\d+)\.1\.fn\.net\.", r"stages.\1.blocks.\2.mlp."),
+)
+
+
+def convert_cvt_state_dict(state_dict: Mapping[str, torch.Tensor], which: str = "teacher") -> dict[str, torch.Tensor]:
+    """Official cvt_v4 / EsViT CvT weights (a backbone state dict or a training checkpoint's ``which``) -> our
+    backbone's state dict: keys renamed, 1x1 convolutions (qkv ``pw``, ``proj_out``, the MLP) as Linear weights,
+    the classifier / projection heads and the derived ``rel_pos_idx`` dropped."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in _unwrap(state_dict, which).items():
+        for prefix in ("module.", "_orig_mod.", "backbone."):
+            k = k.removeprefix(prefix)
+        if k.startswith(("head.", "head_dense.")) or k.endswith("rel_pos_idx"):
+            continue
+        for pattern, repl in _OFFICIAL_KEYS:
+            k = re.sub(pattern, repl, k)
+        if re.search(r"\.(attn\.qkv\.pw|attn\.proj|mlp\.\d)\.weight$", k) and v.dim() == 4:
+            v = v[:, :, 0, 0]
+        out[k] = v
+    return out
