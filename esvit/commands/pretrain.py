@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="YAML", help="YAML preset (see configs/); may extend another with 'base:'")
     p.add_argument("--arch", help="backbone (model.arch): swin_micro(_conv), swin_tiny, swin_small, swin_base, "
                                   "deit_small, vit_base, resnet50, cvt_micro, cvt_v4_s1(_rpe)(_shift)")
-    p.add_argument("--window-size", type=int, help="Swin window size (model.window_size): 7 or 14")
+    p.add_argument("--window-size", type=int, help="Swin / CvT window size (model.window_size): 7 or 14")
     p.add_argument("--data", metavar="DIR", help="ImageFolder directory, or 'embedded' for the generated "
                                                  "dataset (data.path)")
     p.add_argument("--output", metavar="DIR", help="output directory (train.output)")

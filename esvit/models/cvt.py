@@ -91,8 +91,8 @@ def min_input_size(patch_sizes: tuple[int, ...], strides: tuple[int, ...], paddi
     """Smallest input side (px) that every strided token embedding maps to at least one token."""
     size = 1
     for k, s, p in reversed(list(zip(patch_sizes, strides, paddings))):
-        size = (size - 1) * s + k - 2 * p
-    return max(size, 1)
+        size = max((size - 1) * s + k - 2 * p, 1)
+    return size
 
 
 class QuickGELU(nn.Module):
