@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from esvit_kernels.nn import WindowAttention
@@ -14,6 +16,7 @@ from .convert import convert_swin_state_dict, load_swin_weights
 from .heads import DINOHead
 from .resnet import ResNetBackbone
 from .swin import SWIN_ARCHS, SwinTransformer
+from .vil import VIL_ARCHS, LongformerAttention, VisionLongformer, parse_vil_arch
 from .vit import VIT_ARCHS, VisionTransformer
 from .wrapper import MultiCropOutput, MultiCropWrapper
 
@@ -25,7 +28,9 @@ __all__ = [
     "ResNetBackbone",
     "SWIN_ARCHS",
     "SwinTransformer",
+    "VIL_ARCHS",
     "VIT_ARCHS",
+    "VisionLongformer",
     "VisionTransformer",
     "convert_swin_state_dict",
     "create_backbone",
@@ -34,13 +39,16 @@ __all__ = [
     "set_backend",
 ]
 
-ARCHS: tuple[str, ...] = (*SWIN_ARCHS, *VIT_ARCHS, "resnet50")
+ARCHS: tuple[str, ...] = (*SWIN_ARCHS, *VIT_ARCHS, "resnet50", *VIL_ARCHS)
 
 
 def min_crop_size(name: str, patch_size: int = 16) -> int:
-    """Smallest crop (pixels) the architecture can embed: one patch (Swin 4, ViT ``patch_size``, ResNet 32)."""
+    """Smallest crop (pixels) the architecture can embed: one patch (Swin 4, ViT ``patch_size``, ResNet 32, ViL
+    the product of its stages' patch sizes: 32, vil_micro 16)."""
     if name in SWIN_ARCHS:
         return 4
+    if name in VIL_ARCHS:
+        return math.prod(s.patch_size for s in parse_vil_arch(VIL_ARCHS[name].arch))
     if name in VIT_ARCHS:
         return patch_size
     return 32
@@ -51,17 +59,20 @@ def create_backbone(
     drop_path_rate: float | None = None, use_checkpoint: bool = False, **kwargs,
 ) -> nn.Module:
     """Build a backbone by name: swin_micro | swin_micro_conv | swin_tiny | swin_small | swin_base | deit_small |
-    vit_base | resnet50.
+    vit_base | resnet50 | vil_micro | vil_2262 | vil_small.
 
     Args:
-        window_size: Swin window (7 or 14); ignored by the others.
-        img_size: global crop size; fixes Swin's per-stage windows and the ViT position-embedding grid.
-        backend: window-attention backend for Swin ("auto" | "triton" | "cuda" | "torch").
+        window_size: Swin window (7 or 14); ignored by the others (a ViL's windows are in its arch string).
+        img_size: global crop size; fixes Swin's per-stage windows, the ViT position-embedding grid and ViL's
+            full-attention bias tables and position-embedding grids.
+        backend: window-attention backend for Swin ("auto" | "triton" | "cuda" | "torch") and ViL's sparse
+            attention ("auto" | "triton" | "torch").
         drop_path_rate: None = the architecture's default (0.1 for T, 0.2 for S/B, 0.1 for the ViTs);
             pass 0 for a teacher.
         use_checkpoint: gradient (activation) checkpointing of every block.
         kwargs: overrides of the architecture's fields (Swin: embed_dim, depths, num_heads, mlp_ratio,
-            norm_eps, patch_size; ViT: embed_dim, depth, num_heads, patch_size, norm_eps).
+            norm_eps, patch_size; ViT: embed_dim, depth, num_heads, patch_size, norm_eps; ViL: arch (an official
+            arch string), mode (-1 | 0 | 1), share_w, norm_embed, norm_eps).
     """
     if name in SWIN_ARCHS:
         a = SWIN_ARCHS[name]
@@ -76,6 +87,12 @@ def create_backbone(
                 "drop_path_rate": a.drop_path_rate if drop_path_rate is None else drop_path_rate}
         spec.update(kwargs)
         return VisionTransformer(img_size=img_size, use_checkpoint=use_checkpoint, **spec)
+    if name in VIL_ARCHS:
+        a = VIL_ARCHS[name]
+        spec = {"arch": a.arch, "mode": a.mode,
+                "drop_path_rate": a.drop_path_rate if drop_path_rate is None else drop_path_rate}
+        spec.update(kwargs)
+        return VisionLongformer(img_size=img_size, backend=backend, use_checkpoint=use_checkpoint, **spec)
     if name == "resnet50":
         if kwargs:
             raise ValueError(f"resnet50 takes no architecture overrides, got {sorted(kwargs)}")
@@ -84,8 +101,9 @@ def create_backbone(
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Switch every fused window-attention module of ``model`` to ``backend`` (weights unchanged)."""
+    """Switch every fused window-attention module (Swin's window attention, ViL's sparse attention) of ``model``
+    to ``backend`` (weights unchanged)."""
     for m in model.modules():
-        if isinstance(m, WindowAttention):
+        if isinstance(m, (WindowAttention, LongformerAttention)):
             m.backend = backend
     return model
