@@ -3,6 +3,8 @@ brute-force oracle, MODE 1's seeded draws, local crops, fused-vs-eager backends,
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -283,3 +285,27 @@ def test_micro_triton_matches_torch(size):
     torch.testing.assert_close(g1, g0, atol=2e-5, rtol=2e-5)
     for a, b in zip(p1, p0):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_pretrain_and_eval_end_to_end(tmp_path, capsys):
+    """The issue's command on a small generated ImageFolder: `esvit pretrain --config configs/demo_cpu.yaml
+    --arch vil_micro ... --epochs 1 --batch-size 8 --device cpu` writes a checkpoint; k-NN and the linear probe
+    evaluate its teacher."""
+    from esvit.cli import main
+
+    data = tmp_path / "D"
+    assert main(["make-dataset", str(data), "--num-images", "24", "--num-classes", "2", "--val-fraction", "0.25",
+                 "--image-size", "64"]) == 0
+    out = tmp_path / "run"
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml")
+    assert main(["pretrain", "--config", config, "--arch", "vil_micro", "--data", str(data / "train"),
+                 "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--output", str(out),
+                 "data.num_workers=0", "train.progress=false"]) == 0
+    assert (out / "checkpoint.pth").is_file()
+    assert "vil_micro" in capsys.readouterr().out
+    ckpt = str(out / "checkpoint.pth")
+    split = ["--train-data", str(data / "train"), "--val-data", str(data / "val"), "--device", "cpu"]
+    assert main(["eval-knn", "--checkpoint", ckpt, *split]) == 0
+    assert "vil_micro at 64 px" in capsys.readouterr().out
+    assert main(["eval-linear", "--checkpoint", ckpt, *split, "--epochs", "1", "--lr", "0.1"]) == 0
+    assert "384-d features" in capsys.readouterr().out
