@@ -1,11 +1,13 @@
 """Models suite: images/s of whole backbones (inference, backbone training step, full EsViT step) and the
 largest batch that fits on the GPU.
 
-Models: Swin-T/S/B (W7, 224 px) and the DeiT-S / ViT-B/16 / ResNet-50 baselines. Providers: our backbones
-from ``esvit.models.create_backbone(name, window_size=7, img_size=224, backend=...)`` (forward(x) ->
-(view_feat, region_tokens)) with backend triton / cuda / torch, timm's models (``forward_features``, never
-pretrained weights), and timm's Swin patched onto our kernels (``patch_timm_swin``). ``esvit`` is written
-in parallel and imported lazily: when it is missing, its providers are skipped with the reason.
+Models: Swin-T/S/B (W7, 224 px), ViL (vil_2262, Table 8's; its sparse stages on
+``neighborhood_window_attention``, backend triton / torch; no timm peer) and the DeiT-S / ViT-B/16 / ResNet-50
+baselines. Providers: our backbones from ``esvit.models.create_backbone(name, window_size=7, img_size=224,
+backend=...)`` (forward(x) -> (view_feat, region_tokens)) with backend triton / cuda / torch, timm's models
+(``forward_features``, never pretrained weights), and timm's Swin patched onto our kernels
+(``patch_timm_swin``). ``esvit`` is written in parallel and imported lazily: when it is missing, its providers
+are skipped with the reason.
 
 Scopes: ``infer`` (eval, no grad, bf16 autocast: the paper's throughput metric); ``backbone_train`` (train
 mode forward + backward of a mean-feature loss: the backbone's share of a training step); ``esvit_step``
@@ -105,11 +107,17 @@ def _esvit_check(backend: str | None) -> Callable[[ModelInputs, str], str | None
     return check
 
 
+def _attention_op(model: str) -> str:
+    """The fused attention op a model's backend drives."""
+    return "neighborhood_window_attention" if model.startswith("vil") else "shifted_window_attention"
+
+
 def _backend_check(backend: str) -> Callable[[ModelInputs, str], str | None]:
-    kernel = backend_check(backend, "shifted_window_attention", interpreter_modes=("fwd", "fwd+bwd", "step"))
+    kernels = {op: backend_check(backend, op, interpreter_modes=("fwd", "fwd+bwd", "step"))
+               for op in ("shifted_window_attention", "neighborhood_window_attention")}
 
     def check(ins: ModelInputs, mode: str) -> str | None:
-        why = kernel(ins, mode)
+        why = kernels[_attention_op(ins.model)](ins, mode)
         if why is None and backend == "triton" and ins.device.type != "cuda":
             return "the Triton interpreter (CPU) is far too slow for whole models; triton models run on GPU"
         return why
@@ -186,12 +194,16 @@ def providers(model: str, scope: str) -> list[Provider]:
     """The providers of one model and scope."""
     if scope == "esvit_step":
         backends = ("triton", "cuda", "torch") if model.startswith("swin") else ("auto", "torch")
+        if model.startswith("vil"):  # the neighbourhood op has no cuda backend
+            backends = ("triton", "torch")
         return [Provider(f"esvit+{b}", "ours", _esvit_step(b), _step_check(b), note=f"full EsViT step, backend='{b}'")
                 for b in backends]
     if model.startswith("swin"):
         out = [Provider(f"esvit+{b}", "ours", _esvit(b), _esvit_check(b)) for b in ("triton", "cuda", "torch")]
         out += [Provider(f"timm+{b}", "ours", _timm(b), _backend_check(b),
                          note=f"timm model patched by patch_timm_swin(backend='{b}')") for b in ("triton", "cuda")]
+    elif model.startswith("vil"):  # no timm ViL
+        return [Provider(f"esvit+{b}", "ours", _esvit(b), _esvit_check(b)) for b in ("triton", "torch")]
     else:
         out = [Provider("esvit", "ours", _esvit("auto"), _esvit_check(None),
                         note="no window attention: backend='auto'")]
@@ -204,10 +216,10 @@ def providers(model: str, scope: str) -> list[Provider]:
 def plan(device: torch.device, quick: bool) -> tuple[list[str], int, int, str]:
     """(models, image size, fixed batch, dtype). The CPU smoke pass uses 64-px images (a path check)."""
     if device.type != "cuda":
-        return ["swin_tiny", "deit_small"], 64, 2, "fp32"
+        return ["swin_tiny", "vil_2262", "deit_small"], 64, 2, "fp32"
     if quick:
         return ["swin_tiny", "deit_small"], 224, 32, "bf16"
-    return ["swin_tiny", "swin_small", "swin_base", "deit_small", "vit_base", "resnet50"], 224, 128, "bf16"
+    return ["swin_tiny", "swin_small", "swin_base", "vil_2262", "deit_small", "vit_base", "resnet50"], 224, 128, "bf16"
 
 
 def _post(records: list[Record], batch: int) -> list[Record]:
@@ -221,7 +233,7 @@ def _post(records: list[Record], batch: int) -> list[Record]:
 def _case(ctx: RunContext, model: str, scope: str, img: int, batch: int, dtype: str) -> Case:
     train = not scope.startswith("infer")
     return Case(suite="models", scope=scope, shape_name=f"{model}-{img}px", shape={"model": model, "img": img,
-                "timm_name": TIMM_NAMES[model], "batch": batch}, dtype=dtype,
+                "timm_name": TIMM_NAMES.get(model), "batch": batch}, dtype=dtype,
                 modes={"backbone_train": ("fwd+bwd",), "esvit_step": ("step",)}.get(scope.removesuffix("_max_batch"),
                                                                                     ("fwd",)),
                 make_inputs=lambda: make_inputs(model, img, batch, dtype, train, ctx.device),
