@@ -104,7 +104,7 @@ class ViLArch:
 
 VIL_ARCHS: dict[str, ViLArch] = {
     # tiny preset for the CPU demo and the tests: 3 stages, window 4; at 64 px the maps are 16 (4x4 windows),
-    # 8 (2x2 windows) and 4 (full attention); ~0.7M parameters; 32-px local crops
+    # 8 (2x2 windows) and 4 (full attention); 0.57M parameters; 32-px local crops
     "vil_micro": ViLArch("l1,h1,d32,n2,s1,g1,p4,f4,a0_l2,h2,d64,n2,s1,g1,p2,f4,a0_"
                          "l3,h4,d128,n2,s0,g0,p2,f4,a0", 1, 0.1),
     # Table 8's ViL: the official README's vil_2262 (Swin-T's depths, widths and heads; 27.6M), MODE 1
