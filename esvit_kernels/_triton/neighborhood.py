@@ -139,16 +139,47 @@ def _bias(bias_ptr, bst, bsh, h, li, lj, tv, dm, dn, WIN: tl.constexpr, HAS_BIAS
 
 
 @triton.jit
-def _global_logits(q, gk_ptr, gb_ptr, b, h, G, sgb, sgg, gbh, gbg, scale, gi, d, HD: tl.constexpr,
-                   HAS_GBIAS: tl.constexpr, DOT_F32: tl.constexpr, IS_F32: tl.constexpr):
-    """(BL, BG) fp32 logits of the queries against the global keys (-inf past G) and the key tile."""
-    gok = gi < G
-    gk = tl.load(gk_ptr + b.to(tl.int64) * sgb + gi[:, None] * sgg + h * HD + d[None, :],
-                 mask=gok[:, None] & (d < HD)[None, :], other=0.0)
+def _global_logits(q, gk_ptr, gv_ptr, gb_ptr, b, h, G, sgkb, sgkg, sgvb, sgvg, gbh, gbg, scale, d,
+                   HD: tl.constexpr, BG: tl.constexpr, HAS_GBIAS: tl.constexpr, DOT_F32: tl.constexpr,
+                   IS_F32: tl.constexpr):
+    """(BL, BG) fp32 logits of the queries against the global keys (-inf past G), the key and value tiles."""
+    gi = tl.arange(0, BG)
+    gok = (gi < G)[:, None] & (d < HD)[None, :]
+    gk = tl.load(gk_ptr + b.to(tl.int64) * sgkb + gi[:, None] * sgkg + h * HD + d[None, :], mask=gok, other=0.0)
+    gv = tl.load(gv_ptr + b.to(tl.int64) * sgvb + gi[:, None] * sgvg + h * HD + d[None, :], mask=gok, other=0.0)
     s = _dot(q, tl.trans(gk), DOT_F32, IS_F32) * scale
     if HAS_GBIAS:
-        s += tl.load(gb_ptr + h * gbh + gi * gbg, mask=gok, other=0.0).to(tl.float32)[None, :]
-    return tl.where(gok[None, :], s, float("-inf")), gk
+        s += tl.load(gb_ptr + h * gbh + gi * gbg, mask=gi < G, other=0.0).to(tl.float32)[None, :]
+    return tl.where((gi < G)[None, :], s, float("-inf")), gk, gv
+
+
+@triton.jit
+def _query_window(wid, H, W, MX, MY, WIN: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr):
+    """Geometry of the program's window: image, window (m, n), tile rows t, head-dim lanes d, rows that are
+    tokens (tv), their in-window (li, lj) and map (qr, qc) positions, and which lie in the map (qin)."""
+    b, m, n = _window(wid, MX, MY)
+    t = tl.arange(0, BL)
+    d = tl.arange(0, BD)
+    tv = t < WIN * WIN
+    li = t // WIN
+    lj = t - li * WIN
+    qr = m * WIN + li
+    qc = n * WIN + lj
+    return b, m, n, t, d, tv, li, lj, qr, qc, tv & (qr < H) & (qc < W)
+
+
+@triton.jit
+def _chunk_logits(q, k_ptr, v_ptr, bias_ptr, b, m, n, h, dm, dn, li, lj, tv, qr, qc, qin, d, H, W, MX, MY,
+                  skb, skr, skc, svb, svr, svc, bst, bsh, scale, HD: tl.constexpr, WIN: tl.constexpr,
+                  EXACT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, IS_F32: tl.constexpr):
+    """Queries of window (m, n) against the keys of neighbour chunk (dm, dn): fp32 logits (bias added),
+    the pair validity, and the chunk's K and V tiles (gathered from the map, zeros on the padding)."""
+    kr, kc, ar, ac, kload, kok = _keys(m + dm, n + dn, li, lj, tv, H, W, MX * WIN, MY * WIN, WIN, EXACT)
+    k = _load(k_ptr, b, ar, ac, skb, skr, skc, h * HD, kload, d, HD)
+    v = _load(v_ptr, b, ar, ac, svb, svr, svc, h * HD, kload, d, HD)
+    s = _dot(q, tl.trans(k), DOT_F32, IS_F32) * scale
+    s += _bias(bias_ptr, bst, bsh, h, li, lj, tv, dm, dn, WIN, HAS_BIAS, False)
+    return s, _pair_mask(kok, kr, kc, qr, qc, qin, WIN, EXACT, False), k, v
 
 
 # ----------------------------------------------------------------------------------------- forward
@@ -167,39 +198,24 @@ def _fwd_kernel(
     """One query window, one head: out and the row logsumexp."""
     wid = tl.program_id(0)
     h = tl.program_id(1)
-    b, m, n = _window(wid, MX, MY)
-    HP = MX * WIN
-    WP = MY * WIN
-    t = tl.arange(0, BL)
-    d = tl.arange(0, BD)
-    tv = t < WIN * WIN
-    li = t // WIN
-    lj = t - li * WIN
-    qr = m * WIN + li
-    qc = n * WIN + lj
-    qin = tv & (qr < H) & (qc < W)
+    b, m, n, t, d, tv, li, lj, qr, qc, qin = _query_window(wid, H, W, MX, MY, WIN, BL, BD)
     q = _load(q_ptr, b, qr, qc, sqb, sqr, sqc, h * HD, qin, d, HD)
     m_i = tl.full((BL,), float("-inf"), tl.float32)
     l_i = tl.zeros((BL,), tl.float32)
     acc = tl.zeros((BL, BD), tl.float32)
     if HAS_GLOBAL:
-        gi = tl.arange(0, BG)
-        s, _ = _global_logits(q, gk_ptr, gb_ptr, b, h, G, sgkb, sgkg, gbh, gbg, scale, gi, d, HD, HAS_GBIAS,
-                              DOT_F32, IS_F32)
-        gv = tl.load(gv_ptr + b.to(tl.int64) * sgvb + gi[:, None] * sgvg + h * HD + d[None, :],
-                     mask=(gi < G)[:, None] & (d < HD)[None, :], other=0.0)
+        s, _, gv = _global_logits(q, gk_ptr, gv_ptr, gb_ptr, b, h, G, sgkb, sgkg, sgvb, sgvg, gbh, gbg, scale, d,
+                                  HD, BG, HAS_GBIAS, DOT_F32, IS_F32)
         m_i = tl.max(s, 1)
         p = tl.exp2((s - m_i[:, None]) * LOG2E)
         l_i = tl.sum(p, 1)
         acc = _dot(p.to(gv.dtype), gv, DOT_F32, IS_F32)
     for ci in range(NCH):
         dm, dn = _chunk(ci, NCH, CH1)
-        kr, kc, ar, ac, kload, kok = _keys(m + dm, n + dn, li, lj, tv, H, W, HP, WP, WIN, EXACT)
-        k = _load(k_ptr, b, ar, ac, skb, skr, skc, h * HD, kload, d, HD)
-        v = _load(v_ptr, b, ar, ac, svb, svr, svc, h * HD, kload, d, HD)
-        s = _dot(q, tl.trans(k), DOT_F32, IS_F32) * scale
-        s += _bias(bias_ptr, bst, bsh, h, li, lj, tv, dm, dn, WIN, HAS_BIAS, False)
-        s = tl.where(_pair_mask(kok, kr, kc, qr, qc, tv, WIN, EXACT, False), s, float("-inf"))
+        s, ok, k, v = _chunk_logits(q, k_ptr, v_ptr, bias_ptr, b, m, n, h, dm, dn, li, lj, tv, qr, qc, tv, d, H, W,
+                                    MX, MY, skb, skr, skc, svb, svr, svc, bst, bsh, scale, HD, WIN, EXACT,
+                                    HAS_BIAS, DOT_F32, IS_F32)
+        s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: p = 0
         p = tl.exp2((s - m_use[:, None]) * LOG2E)
@@ -233,17 +249,7 @@ def _bwd_dq_kernel(
     """One query window, one head: dQ, delta, and this window's partial global-key gradients."""
     wid = tl.program_id(0)
     h = tl.program_id(1)
-    b, m, n = _window(wid, MX, MY)
-    HP = MX * WIN
-    WP = MY * WIN
-    t = tl.arange(0, BL)
-    d = tl.arange(0, BD)
-    tv = t < WIN * WIN
-    li = t // WIN
-    lj = t - li * WIN
-    qr = m * WIN + li
-    qc = n * WIN + lj
-    qin = tv & (qr < H) & (qc < W)
+    b, m, n, t, d, tv, li, lj, qr, qc, qin = _query_window(wid, H, W, MX, MY, WIN, BL, BD)
     q = _load(q_ptr, b, qr, qc, sqb, sqr, sqc, h * HD, qin, d, HD)
     do = _load(dout_ptr, b, qr, qc, sob, sor, soc, h * HD, qin, d, HD)
     o = _load(out_ptr, b, qr, qc, sob, sor, soc, h * HD, qin, d, HD)
@@ -254,11 +260,9 @@ def _bwd_dq_kernel(
     lse = tl.where(qin, lse, float("inf"))  # rows off the map: P = 0
     dq = tl.zeros((BL, BD), tl.float32)
     if HAS_GLOBAL:
+        s, gk, gv = _global_logits(q, gk_ptr, gv_ptr, gb_ptr, b, h, G, sgkb, sgkg, sgvb, sgvg, gbh, gbg, scale,
+                                   d, HD, BG, HAS_GBIAS, DOT_F32, IS_F32)
         gi = tl.arange(0, BG)
-        s, gk = _global_logits(q, gk_ptr, gb_ptr, b, h, G, sgkb, sgkg, gbh, gbg, scale, gi, d, HD, HAS_GBIAS,
-                               DOT_F32, IS_F32)
-        gv = tl.load(gv_ptr + b.to(tl.int64) * sgvb + gi[:, None] * sgvg + h * HD + d[None, :],
-                     mask=(gi < G)[:, None] & (d < HD)[None, :], other=0.0)
         p = tl.exp2((s - lse[:, None]) * LOG2E)
         dp = _dot(do, tl.trans(gv), DOT_F32, IS_F32)
         ds = p * (dp - delta[:, None])
@@ -271,12 +275,9 @@ def _bwd_dq_kernel(
         tl.store(dgb_ptr + part, tl.sum(ds, 0))
     for ci in range(NCH):
         dm, dn = _chunk(ci, NCH, CH1)
-        kr, kc, ar, ac, kload, kok = _keys(m + dm, n + dn, li, lj, tv, H, W, HP, WP, WIN, EXACT)
-        k = _load(k_ptr, b, ar, ac, skb, skr, skc, h * HD, kload, d, HD)
-        v = _load(v_ptr, b, ar, ac, svb, svr, svc, h * HD, kload, d, HD)
-        s = _dot(q, tl.trans(k), DOT_F32, IS_F32) * scale
-        s += _bias(bias_ptr, bst, bsh, h, li, lj, tv, dm, dn, WIN, HAS_BIAS, False)
-        ok = _pair_mask(kok, kr, kc, qr, qc, qin, WIN, EXACT, False)
+        s, ok, k, v = _chunk_logits(q, k_ptr, v_ptr, bias_ptr, b, m, n, h, dm, dn, li, lj, tv, qr, qc, qin, d, H, W,
+                                    MX, MY, skb, skr, skc, svb, svr, svc, bst, bsh, scale, HD, WIN, EXACT,
+                                    HAS_BIAS, DOT_F32, IS_F32)
         p = tl.where(ok, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)
         dp = _dot(do, tl.trans(v), DOT_F32, IS_F32)
         ds = p * (dp - delta[:, None])
@@ -319,17 +320,7 @@ def _bwd_dkv_kernel(
     Rows of the tiles are keys (transposed logits)."""
     wid = tl.program_id(0)
     h = tl.program_id(1)
-    b, m, n = _window(wid, MX, MY)
-    HP = MX * WIN
-    WP = MY * WIN
-    t = tl.arange(0, BL)
-    d = tl.arange(0, BD)
-    tv = t < WIN * WIN
-    li = t // WIN
-    lj = t - li * WIN
-    kr0 = m * WIN + li
-    kc0 = n * WIN + lj
-    kin = tv & (kr0 < H) & (kc0 < W)
+    b, m, n, t, d, tv, li, lj, kr0, kc0, kin = _query_window(wid, H, W, MX, MY, WIN, BL, BD)  # here: keys
     k = _load(k_ptr, b, kr0, kc0, skb, skr, skc, h * HD, kin, d, HD)
     v = _load(v_ptr, b, kr0, kc0, svb, svr, svc, h * HD, kin, d, HD)
     dk = tl.zeros((BL, BD), tl.float32)
@@ -348,7 +339,7 @@ def _bwd_dkv_kernel(
             q_ptr, dout_ptr, lse_ptr, delta_ptr, b, qm, qn, qok, li, lj, tv, H, W, MX, MY,
             sqb, sqr, sqc, sob, sor, soc, h, d, t, HEADS, HD, WIN, BL)
         # the keys as the query window sees them (unwrapped: qm + dm may differ from m in cyclic mode)
-        kr, kc, _, _, _, kok = _keys(qm + dm, qn + dn, li, lj, tv, H, W, HP, WP, WIN, EXACT)
+        kr, kc, _, _, _, kok = _keys(qm + dm, qn + dn, li, lj, tv, H, W, MX * WIN, MY * WIN, WIN, EXACT)
         st = _dot(k, tl.trans(q), DOT_F32, IS_F32) * scale
         st += _bias(bias_ptr, bst, bsh, h, li, lj, tv, dm, dn, WIN, HAS_BIAS, True)
         ok = _pair_mask(kok, kr, kc, qr, qc, qin, WIN, EXACT, True)
@@ -377,30 +368,20 @@ def _bwd_dbias_kernel(
     h = tl.program_id(1)
     ci = tl.program_id(2)
     dm, dn = _chunk(ci, NCH, CH1)
-    HP = MX * WIN
-    WP = MY * WIN
-    t = tl.arange(0, BL)
-    d = tl.arange(0, BD)
-    tv = t < WIN * WIN
-    li = t // WIN
-    lj = t - li * WIN
-    bias = _bias(bias_ptr, bst, bsh, h, li, lj, tv, dm, dn, WIN, True, False)
     acc = tl.zeros((BL, BL), tl.float32)
     for it in range(0, wins_per_prog):
-        wid = grp * wins_per_prog + it
-        b, m, n = _window(wid, MX, MY)
+        wid = tl.minimum(grp * wins_per_prog + it, NWT - 1)  # past the end: a repeat, with all queries masked
+        b, m, n, t, d, tv, li, lj, _, _, _ = _query_window(wid, H, W, MX, MY, WIN, BL, BD)
         qr, qc, qin, q, do, lse, delta = _query_side(
-            q_ptr, dout_ptr, lse_ptr, delta_ptr, b, m, n, wid < NWT, li, lj, tv, H, W, MX, MY,
+            q_ptr, dout_ptr, lse_ptr, delta_ptr, b, m, n, grp * wins_per_prog + it < NWT, li, lj, tv, H, W, MX, MY,
             sqb, sqr, sqc, sob, sor, soc, h, d, t, HEADS, HD, WIN, BL)
-        kr, kc, ar, ac, kload, kok = _keys(m + dm, n + dn, li, lj, tv, H, W, HP, WP, WIN, EXACT)
-        kload = kload & (wid < NWT)
-        k = _load(k_ptr, b, ar, ac, skb, skr, skc, h * HD, kload, d, HD)
-        v = _load(v_ptr, b, ar, ac, svb, svr, svc, h * HD, kload, d, HD)
-        s = _dot(q, tl.trans(k), DOT_F32, IS_F32) * scale + bias
-        ok = _pair_mask(kok, kr, kc, qr, qc, qin, WIN, EXACT, False)
+        s, ok, k, v = _chunk_logits(q, k_ptr, v_ptr, bias_ptr, b, m, n, h, dm, dn, li, lj, tv, qr, qc, qin, d, H, W,
+                                    MX, MY, skb, skr, skc, svb, svr, svc, bst, bsh, scale, HD, WIN, EXACT, True,
+                                    DOT_F32, IS_F32)
         p = tl.where(ok, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)
         dp = _dot(do, tl.trans(v), DOT_F32, IS_F32)
         acc += p * (dp - delta[:, None])
+    t = tl.arange(0, BL)
     tl.store(part_ptr + (((grp.to(tl.int64) * HEADS + h) * NCH + ci) * BL + t[:, None]) * BL + t[None, :], acc)
 
 
