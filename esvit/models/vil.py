@@ -161,7 +161,7 @@ class PatchEmbed(nn.Module):
         nx, ny = self.grid
         pos = torch.cat([self.x_pos_embed[:, :, None].expand(-1, -1, ny, -1),
                          self.y_pos_embed[:, None].expand(-1, nx, -1, -1)], dim=-1)  # (1, nx, ny, dim)
-        if ntokens == nx * ny:  # official: the token count includes the global tokens
+        if ntokens == nx * ny and hw == (nx, ny):  # official: the token count includes the global tokens
             return pos.flatten(1, 2)
         if hw[0] != hw[1] or nx != ny:
             raise ValueError(f"the absolute position embedding of a {nx}x{ny} grid is resampled to square maps "
