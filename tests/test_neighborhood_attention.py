@@ -70,13 +70,13 @@ def _oracle(q, k, v, heads, w, gk, gv, table, gbias, neighbor, exact):
     return out
 
 
-def _inputs(b, h, w, heads, hd, win, g, dtype=torch.float32, bias=True):
+def _inputs(b, h, w, heads, hd, win, g, dtype=torch.float32, bias=True, device="cpu"):
     c = heads * hd
-    q, k, v = (torch.randn(b, h, w, c).to(dtype) for _ in range(3))
-    gk = torch.randn(b, g, c).to(dtype) if g else None
-    gv = torch.randn(b, g, c).to(dtype) if g else None
-    table = torch.randn((4 * win - 1) ** 2, heads) if bias else None
-    gbias = torch.randn(heads, g) if (bias and g) else None
+    q, k, v = (torch.randn(b, h, w, c, device=device).to(dtype) for _ in range(3))
+    gk = torch.randn(b, g, c, device=device).to(dtype) if g else None
+    gv = torch.randn(b, g, c, device=device).to(dtype) if g else None
+    table = torch.randn((4 * win - 1) ** 2, heads, device=device) if bias else None
+    gbias = torch.randn(heads, g, device=device) if (bias and g) else None
     return q, k, v, gk, gv, table, gbias
 
 
@@ -179,9 +179,10 @@ CASES = {  # (B, H, W, heads, head_dim, window, G, neighbor, exact)
 HALF_CASES = ["vil_w7_pad", "g2_neighbor5", "cyclic"]
 
 
-def _run(case, dtype, bias=True, backend="triton"):
-    b, h, w, heads, hd, win, g, nb, ex = CASES[case]
-    ins = list(_inputs(b, h, w, heads, hd, win, g, dtype, bias))
+def _run(case, dtype, bias=True, backend="triton", device="cpu", cases=CASES):
+    """Fused output and gradients, and the fp32 reference's on the same (rounded) inputs."""
+    b, h, w, heads, hd, win, g, nb, ex = cases[case]
+    ins = list(_inputs(b, h, w, heads, hd, win, g, dtype, bias, device))
     leaves = [t.requires_grad_() if t is not None else None for t in ins]
     out = ek.neighborhood_window_attention(*leaves[:3], heads, win, *leaves[3:], neighbor=nb, exact=ex,
                                            backend=backend)
@@ -195,22 +196,8 @@ def _run(case, dtype, bias=True, backend="triton"):
     return out, ref, got, want, names
 
 
-@requires_triton
-@pytest.mark.parametrize("case", list(CASES))
-def test_fused_fp32(case):
-    out, ref, got, want, names = _run(case, torch.float32)
-    assert_close(out, ref, torch.float32, "out")
-    for n, a, e in zip(names, got, want):
-        assert_close(a, e, torch.float32, n)
-
-
-@requires_triton
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("case", HALF_CASES)
-def test_fused_half(case, dtype):
-    """Half precision against the fp32 reference on the same rounded inputs, conftest.TOL (P and dS are
-    rounded to the input dtype before the matmuls, as FlashAttention does)."""
-    out, ref, got, want, names = _run(case, dtype)
+def check(out, ref, got, want, names, dtype):
+    """Output and every gradient within conftest.TOL of the reference; gradients in the inputs' dtypes."""
     assert out.dtype == dtype
     assert_close(out, ref, dtype, "out")
     for n, a, e in zip(names, got, want):
@@ -219,12 +206,25 @@ def test_fused_half(case, dtype):
 
 
 @requires_triton
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_fp32(case):
+    check(*_run(case, torch.float32), torch.float32)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", HALF_CASES)
+def test_fused_half(case, dtype):
+    """Half precision against the fp32 reference on the same rounded inputs, conftest.TOL (P and dS are
+    rounded to the input dtype before the matmuls, as FlashAttention does)."""
+    check(*_run(case, dtype), dtype)
+
+
+@requires_triton
 def test_fused_without_biases():
-    out, ref, got, want, names = _run("odd_smaller_than_3w_g2", torch.float32, bias=False)
-    assert names == ["dq", "dk", "dv", "dglobal_k", "dglobal_v"]
-    assert_close(out, ref, torch.float32, "out")
-    for n, a, e in zip(names, got, want):
-        assert_close(a, e, torch.float32, n)
+    res = _run("odd_smaller_than_3w_g2", torch.float32, bias=False)
+    assert res[-1] == ["dq", "dk", "dv", "dglobal_k", "dglobal_v"]
+    check(*res, torch.float32)
 
 
 @requires_triton
@@ -267,3 +267,20 @@ def test_fused_empty_batch():
     assert out.shape == (0, 5, 5, 16)
     dq, dg, dt = torch.autograd.grad(out.sum(), [q, gk, table])
     assert dq.shape == q.shape and dg.shape == gk.shape and torch.equal(dt, torch.zeros_like(table))
+
+
+@requires_triton
+def test_torch_compile_fullgraph():
+    """The custom op traces (fake implementations) and differentiates under torch.compile."""
+    q, k, v, gk, gv, table, gbias = (t.requires_grad_() for t in _inputs(1, 5, 6, 1, 16, 2, 1))
+    leaves = (q, k, v, gk, gv, table, gbias)
+
+    def f(*x):
+        return ek.neighborhood_window_attention(*x[:3], 1, 2, *x[3:], neighbor=2, backend="triton").square().sum()
+
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves)
+    got = torch.autograd.grad(loss, leaves)
+    want = torch.autograd.grad(f(*leaves), leaves)
+    torch.testing.assert_close(loss, f(*leaves))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
