@@ -16,6 +16,8 @@ import esvit_kernels as ek
 from esvit_kernels import reference as R
 from esvit_kernels.backends import BackendUnavailableError
 
+from .conftest import assert_close, requires_triton
+
 # ------------------------------------------------------------------------------ brute-force oracle
 
 
@@ -68,13 +70,13 @@ def _oracle(q, k, v, heads, w, gk, gv, table, gbias, neighbor, exact):
     return out
 
 
-def _inputs(b, h, w, heads, hd, win, g, dtype=torch.float32, bias=True):
+def _inputs(b, h, w, heads, hd, win, g, dtype=torch.float32, bias=True, device="cpu"):
     c = heads * hd
-    q, k, v = (torch.randn(b, h, w, c).to(dtype) for _ in range(3))
-    gk = torch.randn(b, g, c).to(dtype) if g else None
-    gv = torch.randn(b, g, c).to(dtype) if g else None
-    table = torch.randn((4 * win - 1) ** 2, heads) if bias else None
-    gbias = torch.randn(heads, g) if (bias and g) else None
+    q, k, v = (torch.randn(b, h, w, c, device=device).to(dtype) for _ in range(3))
+    gk = torch.randn(b, g, c, device=device).to(dtype) if g else None
+    gv = torch.randn(b, g, c, device=device).to(dtype) if g else None
+    table = torch.randn((4 * win - 1) ** 2, heads, device=device) if bias else None
+    gbias = torch.randn(heads, g, device=device) if (bias and g) else None
     return q, k, v, gk, gv, table, gbias
 
 
@@ -157,3 +159,128 @@ def test_global_token_attention_bad_inputs():
         ek.global_token_attention(qg, k, k, 2, torch.randn(2, 1, 3))
     with pytest.raises(ValueError, match="N >= 1"):
         ek.global_token_attention(qg, k[:, :0], k[:, :0], 2)
+
+
+# ------------------------------------------------------------------------------ fused Triton vs reference
+
+CASES = {  # (B, H, W, heads, head_dim, window, G, neighbor, exact)
+    "vil_w7_pad": (1, 9, 10, 2, 32, 7, 1, 0, 0),  # ViL's window, 2x2 windows with padding
+    "smaller_than_w": (2, 5, 6, 1, 16, 7, 1, 0, 0),  # one padded window
+    "odd_smaller_than_3w_g2": (1, 7, 8, 2, 16, 3, 2, 0, 0),
+    "g0_neighbor3": (1, 7, 9, 1, 32, 3, 0, 3, 0),
+    "g2_neighbor5": (1, 8, 5, 2, 16, 2, 2, 5, 0),
+    "g1_neighbor8": (1, 6, 7, 1, 16, 3, 1, 8, 0),
+    "own_window_only": (1, 5, 7, 1, 16, 3, 1, -1, 0),
+    "hd24_padded": (1, 7, 7, 2, 24, 3, 1, 0, 0),
+    "cyclic": (1, 8, 7, 1, 16, 3, 2, 0, -1),
+    "cyclic_neighbor5_2x2_grid": (1, 3, 4, 1, 16, 2, 1, 5, -1),
+    "exact_sliding": (1, 7, 5, 2, 16, 3, 1, 0, 1),
+}
+HALF_CASES = ["vil_w7_pad", "g2_neighbor5", "cyclic"]
+
+
+def _run(case, dtype, bias=True, backend="triton", device="cpu", cases=CASES):
+    """Fused output and gradients, and the fp32 reference's on the same (rounded) inputs."""
+    b, h, w, heads, hd, win, g, nb, ex = cases[case]
+    ins = list(_inputs(b, h, w, heads, hd, win, g, dtype, bias, device))
+    leaves = [t.requires_grad_() if t is not None else None for t in ins]
+    out = ek.neighborhood_window_attention(*leaves[:3], heads, win, *leaves[3:], neighbor=nb, exact=ex,
+                                           backend=backend)
+    ref_leaves = [t.detach().float().requires_grad_() if t is not None else None for t in ins]
+    ref = R.neighborhood_window_attention(*ref_leaves[:3], heads, win, *ref_leaves[3:], nb, None, ex)
+    grad = torch.randn_like(ref)
+    names = [n for n, t in zip(("dq", "dk", "dv", "dglobal_k", "dglobal_v", "dtable", "dglobal_bias"), leaves)
+             if t is not None]
+    got = torch.autograd.grad(out, [t for t in leaves if t is not None], grad.to(dtype))
+    want = torch.autograd.grad(ref, [t for t in ref_leaves if t is not None], grad)
+    return out, ref, got, want, names
+
+
+def check(out, ref, got, want, names, dtype):
+    """Output and every gradient within conftest.TOL of the reference; gradients in the inputs' dtypes."""
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype, "out")
+    for n, a, e in zip(names, got, want):
+        assert a.dtype == (torch.float32 if n in ("dtable", "dglobal_bias") else dtype), n
+        assert_close(a, e, dtype, n)
+
+
+@requires_triton
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_fp32(case):
+    check(*_run(case, torch.float32), torch.float32)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", HALF_CASES)
+def test_fused_half(case, dtype):
+    """Half precision against the fp32 reference on the same rounded inputs, conftest.TOL (P and dS are
+    rounded to the input dtype before the matmuls, as FlashAttention does)."""
+    check(*_run(case, dtype), dtype)
+
+
+@requires_triton
+def test_fused_without_biases():
+    res = _run("odd_smaller_than_3w_g2", torch.float32, bias=False)
+    assert res[-1] == ["dq", "dk", "dv", "dglobal_k", "dglobal_v"]
+    check(*res, torch.float32)
+
+
+@requires_triton
+def test_fused_gradients_are_deterministic():
+    """The table, global-bias and global-key gradients are fixed-order sums: bitwise equal run to run (the
+    same seed draws the same problem)."""
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        runs.append(_run("g2_neighbor5", torch.float32)[2])
+    assert len(runs[0]) == 7
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+
+
+@requires_triton
+def test_fused_reads_strided_views():
+    """q, k, v and the global keys / values as slices of one Linear's output (no copy) give the same result
+    as contiguous tensors."""
+    heads, hd, win = 2, 16, 3
+    c = heads * hd
+    x = torch.randn(1, 7, 8, 3 * c)
+    gx = torch.randn(1, 1, 2 * c)
+    q, k, v = x[..., :c], x[..., c:2 * c], x[..., 2 * c:]
+    gk, gv = gx[..., :c], gx[..., c:]
+    got = ek.neighborhood_window_attention(q, k, v, heads, win, gk, gv, backend="triton")
+    want = ek.neighborhood_window_attention(q.contiguous(), k.contiguous(), v.contiguous(), heads, win,
+                                            gk.contiguous(), gv.contiguous(), backend="triton")
+    assert torch.equal(got, want)
+    ref = R.neighborhood_window_attention(q, k, v, heads, win, gk, gv)
+    assert_close(got, ref, torch.float32, "out")
+
+
+@requires_triton
+def test_fused_empty_batch():
+    q = torch.randn(0, 5, 5, 16, requires_grad=True)
+    gk = torch.randn(0, 1, 16, requires_grad=True)
+    table = torch.randn(49, 1, requires_grad=True)
+    out = ek.neighborhood_window_attention(q, q, q, 1, 2, gk, gk, table, backend="triton")
+    assert out.shape == (0, 5, 5, 16)
+    dq, dg, dt = torch.autograd.grad(out.sum(), [q, gk, table])
+    assert dq.shape == q.shape and dg.shape == gk.shape and torch.equal(dt, torch.zeros_like(table))
+
+
+@requires_triton
+def test_torch_compile_fullgraph():
+    """The custom op traces (fake implementations) and differentiates under torch.compile."""
+    q, k, v, gk, gv, table, gbias = (t.requires_grad_() for t in _inputs(1, 5, 6, 1, 16, 2, 1))
+    leaves = (q, k, v, gk, gv, table, gbias)
+
+    def f(*x):
+        return ek.neighborhood_window_attention(*x[:3], 1, 2, *x[3:], neighbor=2, backend="triton").square().sum()
+
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves)
+    got = torch.autograd.grad(loss, leaves)
+    want = torch.autograd.grad(f(*leaves), leaves)
+    torch.testing.assert_close(loss, f(*leaves))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
