@@ -145,14 +145,14 @@ def test_full_attention_stage_has_the_official_bias_layout():
     """At img_size the full-attention bias is table[Swin index] with the global rows/columns of the sparse
     stages; a smaller crop resamples the (N, N) matrix to (n, n)."""
     fa = _perturb(FullAttention(8, 2, (3, 3), 1, rpe=True), std=0.3)
-    bias = fa._bias(9)
+    bias = fa.attention_bias(9)
     assert bias.shape == (2, 10, 10)
     # local (0,0) -> (2,2): relative (-2, -2) -> index 0 of the (2*3-1)^2 table
     torch.testing.assert_close(bias[:, 1, 9], fa.local_relative_position_bias_table[0])
     torch.testing.assert_close(bias[:, 0, 0], fa.g2g_relative_position_bias[:, 0, 0])
     torch.testing.assert_close(bias[:, 0, 5], fa.g2l_relative_position_bias[0, :, 0])
     torch.testing.assert_close(bias[:, 5, 0], fa.g2l_relative_position_bias[1, :, 0])
-    assert fa._bias(4).shape == (2, 5, 5)
+    assert fa.attention_bias(4).shape == (2, 5, 5)
     assert fa(torch.randn(1, 5, 8), (2, 2)).shape == (1, 5, 8)
 
 
@@ -309,3 +309,32 @@ def test_cli_pretrain_and_eval_end_to_end(tmp_path, capsys):
     assert "vil_micro at 64 px" in capsys.readouterr().out
     assert main(["eval-linear", "--checkpoint", ckpt, *split, "--epochs", "1", "--lr", "0.1"]) == 0
     assert "384-d features" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch, size", [
+    (None, 40),  # vil_micro: no global token in the last stage; a local crop (the bias matrix resampled)
+    ("l1,h1,d16,n1,s1,g1,p4,f4,a0_l2,h2,d32,n1,s1,g1,p2,f4,a0_l3,h2,d32,n2,s0,g1,p2,f4,a0", 64),
+])
+def test_attention_picture_recomputation_reproduces_the_block(arch, size):
+    """viz-attention's recomputed probabilities of the last (full-attention) block, @ v -> proj, give that
+    block's own attention output."""
+    from esvit.viz.attention import attention_maps, last_block_attention
+
+    net = _perturb(_micro(**({"arch": arch} if arch else {}))).eval()
+    x = torch.randn(2, 3, size, size)
+    probs, grid, has_cls = last_block_attention(net, x)
+    g = net.stages[-1].num_global
+    n = g + grid[0] * grid[1]
+    assert has_cls == bool(g) and probs.shape == (2, net.stages[-1].num_heads, n, n)
+    seen = {}
+    blk = net.layer3[-2]
+    hook = blk.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0], hw=args[1]))
+    net(x)
+    hook.remove()
+    y = blk.norm(seen["x"])
+    attn = blk.attn
+    c = y.shape[-1]
+    v = attn.qkv(y).view(2, n, 3, attn.num_heads, c // attn.num_heads)[:, :, 2].transpose(1, 2)
+    mine = attn.proj((probs @ v).transpose(1, 2).reshape(2, n, c))
+    torch.testing.assert_close(mine, attn(y, seen["hw"]), atol=1e-5, rtol=1e-5)
+    assert attention_maps(probs, grid, has_cls, "cls" if g else "mean").shape[-2:] == grid

@@ -273,7 +273,7 @@ class FullAttention(_GlobalBias):
             index = (rel[0] + nx - 1) * (2 * ny - 1) + rel[1] + ny - 1
             self.register_buffer("relative_position_index", index, persistent=False)
 
-    def _bias(self, nloc: int) -> torch.Tensor:
+    def attention_bias(self, nloc: int) -> torch.Tensor:
         """(heads, g + nloc, g + nloc) additive bias."""
         n0 = self.grid[0] * self.grid[1]
         table = self.local_relative_position_bias_table
@@ -292,7 +292,7 @@ class FullAttention(_GlobalBias):
         if n != self.num_global + nloc:
             raise ValueError(f"expected {self.num_global} global + {hw[0]}x{hw[1]} local tokens, got {n}")
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        bias = self._bias(nloc).to(q.dtype) if self.rpe else None
+        bias = self.attention_bias(nloc).to(q.dtype) if self.rpe else None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(y.transpose(1, 2).reshape(b, n, c))
 
