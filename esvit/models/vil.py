@@ -21,7 +21,7 @@ stage's local tokens.
 Crops smaller than ``img_size`` (local views) run as official: the relative-position bias matrix of a
 full-attention stage and the absolute position embedding are resampled bicubically with the official scale
 factors (for the embedding the factor counts the global tokens, so it is resampled by sqrt((N+g)/N) even at
-``img_size``). Parameter names are the official ones: an official EsViT ViL checkpoint loads once its
+``img_size``). Parameter names are the official ones: an official ``MsViT`` state dict loads once its
 ``relative_position_index`` buffers (derived, not stored here) are dropped.
 """
 
