@@ -186,7 +186,7 @@ def _chunk_logits(q, k_ptr, v_ptr, bias_ptr, b, m, n, h, dm, dn, li, lj, tv, qr,
 
 
 @triton.jit
-def _fwd_kernel(
+def _nwa_fwd_kernel(
     q_ptr, k_ptr, v_ptr, gk_ptr, gv_ptr, bias_ptr, gb_ptr, out_ptr, lse_ptr,
     H, W, MX, MY, G,
     sqb, sqr, sqc, skb, skr, skc, svb, svr, svc, sob, sor, soc, sgkb, sgkg, sgvb, sgvg, bst, bsh, gbh, gbg,
@@ -204,12 +204,12 @@ def _fwd_kernel(
     l_i = tl.zeros((BL,), tl.float32)
     acc = tl.zeros((BL, BD), tl.float32)
     if HAS_GLOBAL:
-        s, _, gv = _global_logits(q, gk_ptr, gv_ptr, gb_ptr, b, h, G, sgkb, sgkg, sgvb, sgvg, gbh, gbg, scale, d,
-                                  HD, BG, HAS_GBIAS, DOT_F32, IS_F32)
-        m_i = tl.max(s, 1)
-        p = tl.exp2((s - m_i[:, None]) * LOG2E)
-        l_i = tl.sum(p, 1)
-        acc = _dot(p.to(gv.dtype), gv, DOT_F32, IS_F32)
+        sg, _, gv = _global_logits(q, gk_ptr, gv_ptr, gb_ptr, b, h, G, sgkb, sgkg, sgvb, sgvg, gbh, gbg, scale, d,
+                                   HD, BG, HAS_GBIAS, DOT_F32, IS_F32)
+        m_i = tl.max(sg, 1)
+        pg = tl.exp2((sg - m_i[:, None]) * LOG2E)
+        l_i = tl.sum(pg, 1)
+        acc = _dot(pg.to(gv.dtype), gv, DOT_F32, IS_F32)
     for ci in range(NCH):
         dm, dn = _chunk(ci, NCH, CH1)
         s, ok, k, v = _chunk_logits(q, k_ptr, v_ptr, bias_ptr, b, m, n, h, dm, dn, li, lj, tv, qr, qc, tv, d, H, W,
@@ -236,7 +236,7 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_dq_kernel(
+def _nwa_dq_kernel(
     q_ptr, k_ptr, v_ptr, gk_ptr, gv_ptr, bias_ptr, gb_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr,
     dq_ptr, dgk_ptr, dgv_ptr, dgb_ptr,
     H, W, MX, MY, G,
@@ -260,19 +260,18 @@ def _bwd_dq_kernel(
     lse = tl.where(qin, lse, float("inf"))  # rows off the map: P = 0
     dq = tl.zeros((BL, BD), tl.float32)
     if HAS_GLOBAL:
-        s, gk, gv = _global_logits(q, gk_ptr, gv_ptr, gb_ptr, b, h, G, sgkb, sgkg, sgvb, sgvg, gbh, gbg, scale,
+        sg, gk, gv = _global_logits(q, gk_ptr, gv_ptr, gb_ptr, b, h, G, sgkb, sgkg, sgvb, sgvg, gbh, gbg, scale,
                                    d, HD, BG, HAS_GBIAS, DOT_F32, IS_F32)
         gi = tl.arange(0, BG)
-        p = tl.exp2((s - lse[:, None]) * LOG2E)
-        dp = _dot(do, tl.trans(gv), DOT_F32, IS_F32)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(gk.dtype), gk, DOT_F32, IS_F32)
+        pg = tl.exp2((sg - lse[:, None]) * LOG2E)
+        dsg = pg * (_dot(do, tl.trans(gv), DOT_F32, IS_F32) - delta[:, None])
+        dq += _dot(dsg.to(gk.dtype), gk, DOT_F32, IS_F32)
         part = (wid.to(tl.int64) * HEADS + h) * BG + gi
-        dgk = _dot(tl.trans(ds.to(q.dtype)), q, DOT_F32, IS_F32) * scale
-        dgv = _dot(tl.trans(p.to(do.dtype)), do, DOT_F32, IS_F32)
+        dgk = _dot(tl.trans(dsg.to(q.dtype)), q, DOT_F32, IS_F32) * scale
+        dgv = _dot(tl.trans(pg.to(do.dtype)), do, DOT_F32, IS_F32)
         tl.store(dgk_ptr + part[:, None] * BD + d[None, :], dgk)
         tl.store(dgv_ptr + part[:, None] * BD + d[None, :], dgv)
-        tl.store(dgb_ptr + part, tl.sum(ds, 0))
+        tl.store(dgb_ptr + part, tl.sum(dsg, 0))
     for ci in range(NCH):
         dm, dn = _chunk(ci, NCH, CH1)
         s, ok, k, v = _chunk_logits(q, k_ptr, v_ptr, bias_ptr, b, m, n, h, dm, dn, li, lj, tv, qr, qc, qin, d, H, W,
@@ -307,7 +306,7 @@ def _query_side(q_ptr, dout_ptr, lse_ptr, delta_ptr, b, qm, qn, qok, li, lj, tv,
 
 
 @triton.jit
-def _bwd_dkv_kernel(
+def _nwa_dkv_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     H, W, MX, MY,
     sqb, sqr, sqc, skb, skr, skc, svb, svr, svc, sob, sor, soc, bst, bsh,
@@ -355,7 +354,7 @@ def _bwd_dkv_kernel(
 
 
 @triton.jit
-def _bwd_dbias_kernel(
+def _nwa_dbias_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, dout_ptr, lse_ptr, delta_ptr, part_ptr,
     H, W, MX, MY, NWT, wins_per_prog,
     sqb, sqr, sqc, skb, skr, skc, svb, svr, svc, sob, sor, soc, bst, bsh,
@@ -394,13 +393,18 @@ def _on_device(x: torch.Tensor):
 
 def _geometry(q: torch.Tensor, heads: int, window: int, neighbor: int, exact: int, has_bias: bool,
               has_gbias: bool, g: int) -> dict:
+    """Constexprs and warps of every kernel. Warps from sm_90 AOT compiles at the ViL-2262 stage-1 shape
+    (docs/kernel_notes.md): 4 in half precision at head_dim <= 32 (162-253 registers, no spills, 2-3 blocks
+    per SM); fp32's exact dots and head_dim 64 need 8 (at 4 the dK/dV kernel spills 6.8 KB per thread in
+    fp32, 192 B in bf16 at head_dim 64)."""
     hd = q.shape[3] // heads
     chunks = chunk_list(neighbor)
+    bd = max(16, _next_pow2(hd))
     return dict(
-        HEADS=heads, HD=hd, BD=max(16, _next_pow2(hd)), WIN=window, BL=max(16, _next_pow2(window * window)),
+        HEADS=heads, HD=hd, BD=bd, WIN=window, BL=max(16, _next_pow2(window * window)),
         NCH=len(chunks), CH1=chunks[-1], EXACT=exact, HAS_BIAS=has_bias,
         DOT_F32=triton_interpreting() and q.dtype == torch.bfloat16, IS_F32=q.dtype == torch.float32,
-        num_warps=4, BG=BG_TILE, HAS_GLOBAL=g > 0, HAS_GBIAS=has_gbias,
+        num_warps=8 if q.dtype == torch.float32 or bd >= 64 else 4, BG=BG_TILE, HAS_GLOBAL=g > 0, HAS_GBIAS=has_gbias,
     )
 
 
@@ -433,7 +437,7 @@ def nwa_forward(q, k, v, gk, gv, table, gbias, heads, window, neighbor, scale, e
         return out, lse
     dummy = q
     with _on_device(q):
-        launch(_fwd_kernel, (nwt, heads),
+        launch(_nwa_fwd_kernel, (nwt, heads),
                q, k, v, gk if g else dummy, gv if g else dummy, table if table is not None else dummy,
                gbias if gbias is not None else dummy, out, lse, h, w, mx, my, g,
                *_strides(q, k, v, out), *_g_strides(gk), *_g_strides(gv),
@@ -508,18 +512,18 @@ def nwa_backward(dout, q, k, v, gk, gv, table, gbias, out, lse, heads, window, n
             x.zero_()
     else:
         with _on_device(q):
-            launch(_bwd_dq_kernel, (nwt, heads),
+            launch(_nwa_dq_kernel, (nwt, heads),
                    q, k, v, gk if g else dummy, gv if g else dummy, tab, gb, out, dout, lse, delta,
                    dq, dgk_p if g else dummy, dgv_p if g else dummy, dgb_p if g else dummy, h, w, mx, my, g,
                    *_strides(q, k, v, out), *_g_strides(gk), *_g_strides(gv), *tab_st, *gb_st, scale, **geo)
             geo_kv = {kk: vv for kk, vv in geo.items() if kk not in ("BG", "HAS_GLOBAL", "HAS_GBIAS")}
-            launch(_bwd_dkv_kernel, (nwt, heads), q, k, v, tab, dout, lse, delta, dk, dv, h, w, mx, my,
+            launch(_nwa_dkv_kernel, (nwt, heads), q, k, v, tab, dout, lse, delta, dk, dv, h, w, mx, my,
                    *_strides(q, k, v, out), *tab_st, scale, **geo_kv)
             if need_dtable and table is not None:
                 groups, per = _groups(nwt, heads, geo["NCH"], dev)
                 part = torch.empty(groups, heads, geo["NCH"], bl, bl, device=dev, dtype=f32)
                 geo_b = {kk: vv for kk, vv in geo_kv.items() if kk != "HAS_BIAS"}
-                launch(_bwd_dbias_kernel, (groups, heads, geo["NCH"]), q, k, v, tab, dout, lse, delta, part,
+                launch(_nwa_dbias_kernel, (groups, heads, geo["NCH"]), q, k, v, tab, dout, lse, delta, part,
                        h, w, mx, my, nwt, per, *_strides(q, k, v, out), *tab_st, scale, **geo_b)
                 flat = part.sum(0).reshape(heads, -1)
                 flat = torch.cat([flat, flat.new_zeros(heads, 1)], 1)
@@ -543,3 +547,33 @@ def nwa_backward(dout, q, k, v, gk, gv, table, gbias, out, lse, heads, window, n
         if not need_dgbias:
             dgb = q.new_empty(0, dtype=f32)
     return dq, dk, dv, dgk, dgv, dtable, dgb
+
+
+# ----------------------------------------------------------------------------------------- AOT cases
+
+
+def _aot_case(b, res, heads, hd, window, g, neighbor=0):
+    def run(dtype):
+        c = heads * hd
+        q = torch.empty(b, res, res, c, dtype=dtype)
+        gk = torch.empty(b, g, c, dtype=dtype) if g else None
+        table = torch.zeros((4 * window - 1) ** 2, heads)
+        gbias = torch.zeros(heads, g) if g else None
+        out, lse = nwa_forward(q, q, q, gk, gk, table, gbias, heads, window, neighbor, hd**-0.5, 0)
+        nwa_backward(out, q, q, q, gk, gk, table, gbias, out, lse, heads, window, neighbor, hd**-0.5, 0, True, True)
+    return run
+
+
+def aot_cases() -> dict:
+    """Launcher calls compiled by :mod:`.aot`: a small padded case with two global tokens, and the sparse
+    ViL-2262 stages at 224 px, batch 128 (stage 1 also at head_dim 64 and with one neighbour, MODE 1)."""
+    from .aot import AotCase
+
+    return {
+        "nwa_w3_pad_g2": AotCase(_aot_case(1, 8, 2, 24, 3, 2), 1, 3, 24),
+        "vil_stage1_b128": AotCase(_aot_case(128, 56, 3, 32, 7, 1), 128, 7, 32, realistic=True),
+        "vil_stage2_b128": AotCase(_aot_case(128, 28, 6, 32, 7, 1), 128, 7, 32, realistic=True, ci=False),
+        "vil_stage1_b128_neighbor3": AotCase(_aot_case(128, 56, 3, 32, 7, 1, 3), 128, 7, 32, realistic=True,
+                                             ci=False),
+        "vil_stage1_b128_hd64": AotCase(_aot_case(128, 56, 2, 64, 7, 1), 128, 7, 64, realistic=True),
+    }
