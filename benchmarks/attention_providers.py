@@ -13,10 +13,19 @@ Block-level SDPA and FlexAttention do the same eager pad / roll / partition / re
 and are built once at setup, like timm's ``attn_mask`` buffer, while the bias is gathered in every call
 (it is a trained parameter). Flex's mask_mod excludes cross-region pairs (-inf) where the official mask
 adds -100: the softmax weights differ by < 1e-43.
+
+ViL scope (``vil``): ours (``neighborhood_window_attention``, triton / torch); the official-style eager path
+(pad, partition, the 3x3 neighbourhood of every window as an ``unfold`` of the zero-padded window grid,
+i.e. 9 copies of K and V, einsum, gathered bias, explicit mask, softmax over [global, local], einsum);
+SDPA over all H*W tokens plus the global one with a dense float ``attn_mask`` (bias where a pair is in the
+neighbourhood, -inf elsewhere; gathered in every call); FlexAttention with the bias in ``score_mod`` and the
+neighbourhood as a block mask (sparse: blocks outside every window's neighbourhood are skipped). The index
+and validity tensors depend only on the shape and are built at setup.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 
@@ -26,7 +35,7 @@ import torch.nn.functional as F
 import esvit_kernels as ek
 from esvit_kernels import reference
 
-from .attention import AttnInputs
+from .attention import AttnInputs, ViLInputs
 from .suite import Forward, Provider, backend_check
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -244,9 +253,157 @@ def _layer_patched(backend: str):
     return build
 
 
+# ------------------------------------------------------------------------------------------------ ViL
+
+
+def _vil_windows(x: torch.Tensor, ins: ViLInputs) -> torch.Tensor:
+    """(B, H, W, C) -> zero-padded, partitioned (B, heads, mx, my, w*w, hd)."""
+    s = ins.shape
+    w, g = s.window, s.grid
+    x = F.pad(x, (0, 0, 0, g * w - s.res, 0, g * w - s.res))
+    x = x.view(s.batch, g, w, g, w, s.heads, s.head_dim).permute(0, 5, 1, 3, 2, 4, 6)
+    return x.reshape(s.batch, s.heads, g, g, w * w, s.head_dim)
+
+
+def _vil_eager(ins: ViLInputs) -> Forward:
+    """Official-style eager ViL attention (MODE 0, zero padding): unfold the 3x3 window neighbourhood."""
+    from esvit_kernels.reference import neighborhood as nb
+
+    s = ins.shape
+    w, g, ll = s.window, s.grid, s.window**2
+    idx = nb.neighborhood_relative_index(w, tuple(range(9)), ins.device)  # (L, 9L)
+    valid = nb.neighborhood_valid((s.res, s.res), w, tuple(range(9)), 0, ins.device)  # (mx, my, L, 9L)
+
+    def neighbours(x: torch.Tensor) -> torch.Tensor:  # (B, h, mx, my, L, d) -> (B, h, mx, my, 9L, d)
+        x = F.pad(x, (0, 0, 0, 0, 1, 1, 1, 1)).unfold(2, 3, 1).unfold(3, 3, 1)  # (..., L, d, 3, 3)
+        return x.permute(0, 1, 2, 3, 6, 7, 4, 5).reshape(s.batch, s.heads, g, g, 9 * ll, s.head_dim)
+
+    def fn() -> torch.Tensor:
+        q = _vil_windows(ins.q, ins) * ins.scale
+        kn, vn = neighbours(_vil_windows(ins.k, ins)), neighbours(_vil_windows(ins.v, ins))
+        gk = ins.global_k.view(s.batch, s.nglo, s.heads, s.head_dim).transpose(1, 2)
+        gv = ins.global_v.view(s.batch, s.nglo, s.heads, s.head_dim).transpose(1, 2)
+        attn = torch.einsum("bhmnld,bhmntd->bhmnlt", q, kn) + ins.table[idx].permute(2, 0, 1).to(q.dtype)[
+            None, :, None, None]
+        attn = attn.masked_fill(~valid, float("-inf"))
+        attn_g = torch.einsum("bhmnld,bhgd->bhmnlg", q, gk) + ins.global_bias.to(q.dtype)[None, :, None, None, None]
+        p = torch.cat([attn_g, attn], -1).softmax(-1)
+        out = torch.einsum("bhmnlt,bhmntd->bhmnld", p[..., s.nglo:], vn)
+        out = out + torch.einsum("bhmnlg,bhgd->bhmnld", p[..., : s.nglo], gv)
+        out = out.view(s.batch, s.heads, g, g, w, w, s.head_dim).permute(0, 2, 4, 3, 5, 1, 6)
+        return out.reshape(s.batch, g * w, g * w, s.dim)[:, : s.res, : s.res]
+
+    return Forward(fn, ins.grads())
+
+
+def _vil_dense_index(ins: ViLInputs) -> torch.Tensor:
+    """(HW, HW) table index of every (query, key) token pair of the map, -1 outside the neighbourhood: for
+    keys in the 3x3 window neighbourhood the index depends only on the position difference."""
+    s = ins.shape
+    w = s.window
+    pos = torch.arange(s.res * s.res, device=ins.device)
+    r, c = pos // s.res, pos % s.res
+    near = ((r[:, None] // w - r[None, :] // w).abs() <= 1) & ((c[:, None] // w - c[None, :] // w).abs() <= 1)
+    idx = (r[:, None] - r[None, :] + 2 * w - 1) * (4 * w - 1) + (c[:, None] - c[None, :] + 2 * w - 1)
+    return torch.where(near, idx, -1).to(torch.int32)
+
+
+def _vil_tokens(ins: ViLInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B, heads, HW, hd) and k, v with the global tokens first (B, heads, G + HW, hd)."""
+    s = ins.shape
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(s.batch, -1, s.heads, s.head_dim).transpose(1, 2)
+
+    k = torch.cat([ins.global_k, ins.k.reshape(s.batch, -1, s.dim)], 1)
+    v = torch.cat([ins.global_v, ins.v.reshape(s.batch, -1, s.dim)], 1)
+    return heads(ins.q), heads(k), heads(v)
+
+
+def _vil_out(out: torch.Tensor, ins: ViLInputs) -> torch.Tensor:
+    s = ins.shape
+    return out.transpose(1, 2).reshape(s.batch, s.res, s.res, s.dim)
+
+
+def _vil_sdpa(pinned: bool):
+    def build(ins: ViLInputs) -> Forward:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        s = ins.shape
+        idx = _vil_dense_index(ins).long()
+        n_entries = ins.table.shape[0]
+        idx = torch.where(idx < 0, n_entries, idx)  # the appended -inf row
+
+        def fn() -> torch.Tensor:
+            q, k, v = _vil_tokens(ins)
+            table = torch.cat([ins.table, ins.table.new_full((1, s.heads), float("-inf"))])
+            local = table[idx].permute(2, 0, 1)  # (heads, HW, HW)
+            glob = ins.global_bias[:, None, :].expand(s.heads, s.res * s.res, s.nglo)
+            mask = torch.cat([glob, local], -1)[None].to(q.dtype)
+            ctx = sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION) if pinned else contextlib.nullcontext()
+            with ctx:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ins.scale)
+            return _vil_out(out, ins)
+
+        return Forward(fn, ins.grads())
+
+    return build
+
+
+def _vil_flex_fn(ins: ViLInputs):
+    """FlexAttention over [global, local] tokens: score_mod adds the global bias or the gathered table
+    entry, the block mask keeps the global keys and each query's 3x3 window neighbourhood."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    s = ins.shape
+    g = s.nglo
+    idx = _vil_dense_index(ins)
+    valid = idx >= 0
+    idx = idx.clamp(min=0)
+    table, gbias = ins.table, ins.global_bias
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        j = (kv_idx - g).clamp(min=0)
+        glob = gbias[h, kv_idx.clamp(max=g - 1)]
+        return score + torch.where(kv_idx < g, glob, table[idx[q_idx, j], h])
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx < g) | valid[q_idx, (kv_idx - g).clamp(min=0)]
+
+    n = s.res * s.res
+    block_mask = create_block_mask(mask_mod, None, None, n, n + g, device=ins.device)
+
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=ins.scale)
+
+    return fn
+
+
+def _vil_flex(ins: ViLInputs) -> Forward:
+    core = torch.compile(_vil_flex_fn(ins), dynamic=False)
+    return Forward(lambda: _vil_out(core(*_vil_tokens(ins)), ins), ins.grads())
+
+
+def _vil_ours(backend: str):
+    def build(ins: ViLInputs) -> Forward:
+        s = ins.shape
+
+        def fn() -> torch.Tensor:
+            return ek.neighborhood_window_attention(
+                ins.q, ins.k, ins.v, s.heads, s.window, ins.global_k, ins.global_v, ins.table, ins.global_bias,
+                scale=ins.scale, backend=backend)
+
+        return Forward(fn, ins.grads())
+
+    return build
+
+
 # ------------------------------------------------------------------------------------------------ registry
 
-_SWA, _WA = "shifted_window_attention", "window_attention"
+_SWA, _WA, _NWA = "shifted_window_attention", "window_attention", "neighborhood_window_attention"
+_VIL_SDPA_NOTE = ("SDPA over all H*W tokens + the global one, dense float attn_mask (bias in the neighbourhood, "
+                  "-inf out)")
+_VIL_FLEX_NOTE = "torch.compile(flex_attention): score_mod gathers the biases, the 3x3 neighbourhood as a block mask"
 _TORCH_NOTE = "backend='torch': the eager reference behind the public API (input checks + dispatch)"
 _EFF_NOTE = "SDPA, float attn_mask = gathered bias + shift mask, SDPBackend.EFFICIENT_ATTENTION pinned"
 _DEF_NOTE = "SDPA, float attn_mask = gathered bias + shift mask, default backend dispatch"
@@ -273,6 +430,16 @@ PROVIDERS: dict[str, list[Provider]] = {
         Provider("sdpa_default", "peer", _core_sdpa(False), note=_DEF_NOTE),
         Provider("compiled_ref", "peer", _core_ref(True), compiles=True, note="torch.compile(eager reference)"),
         Provider("flex", "peer", _core_flex, _flex_check, compiles=True, note=_FLEX_NOTE),
+    ],
+    "vil": [
+        Provider("triton", "ours", _vil_ours("triton"), backend_check("triton", _NWA)),
+        Provider("torch", "ours", _vil_ours("torch"), backend_check("torch", _NWA), note=_TORCH_NOTE),
+        Provider("eager_unfold", "peer", _vil_eager, note="official-style eager path: unfold the 3x3 window "
+                 "neighbourhood (9 copies of K/V), einsum, gathered bias, explicit mask"),
+        Provider("sdpa_efficient", "peer", _vil_sdpa(True), _cuda_only("EFFICIENT_ATTENTION"), note=_VIL_SDPA_NOTE
+                 + ", EFFICIENT_ATTENTION pinned"),
+        Provider("sdpa_default", "peer", _vil_sdpa(False), note=_VIL_SDPA_NOTE + ", default dispatch"),
+        Provider("flex", "peer", _vil_flex, _flex_check, compiles=True, note=_VIL_FLEX_NOTE),
     ],
     "layer": [
         Provider("timm+triton", "ours", _layer_patched("triton"), backend_check("triton", _SWA),

@@ -1,8 +1,9 @@
 """Models suite: images/s of whole backbones (inference, backbone training step, full EsViT step) and the
 largest batch that fits on the GPU.
 
-Models: Swin-T/S/B (W7, 224 px), EsViT's windowed CvT (``cvt_v4_s1``, Table 8; W7, no timm peer) and the
-DeiT-S / ViT-B/16 / ResNet-50 baselines. Providers: our backbones
+Models: Swin-T/S/B (W7, 224 px), EsViT's windowed CvT (``cvt_v4_s1``, Table 8; W7, no timm peer), ViL
+(``vil_2262``, Table 8's; its sparse stages on ``neighborhood_window_attention``, backend triton / torch; no
+timm peer) and the DeiT-S / ViT-B/16 / ResNet-50 baselines. Providers: our backbones
 from ``esvit.models.create_backbone(name, window_size=7, img_size=224, backend=...)`` (forward(x) ->
 (view_feat, region_tokens)) with backend triton / cuda / torch, timm's models (``forward_features``, never
 pretrained weights), and timm's Swin patched onto our kernels (``patch_timm_swin``). ``esvit`` is written
@@ -106,11 +107,17 @@ def _esvit_check(backend: str | None) -> Callable[[ModelInputs, str], str | None
     return check
 
 
+def _attention_op(model: str) -> str:
+    """The fused attention op a model's backend drives."""
+    return "neighborhood_window_attention" if model.startswith("vil") else "shifted_window_attention"
+
+
 def _backend_check(backend: str) -> Callable[[ModelInputs, str], str | None]:
-    kernel = backend_check(backend, "shifted_window_attention", interpreter_modes=("fwd", "fwd+bwd", "step"))
+    kernels = {op: backend_check(backend, op, interpreter_modes=("fwd", "fwd+bwd", "step"))
+               for op in ("shifted_window_attention", "neighborhood_window_attention")}
 
     def check(ins: ModelInputs, mode: str) -> str | None:
-        why = kernel(ins, mode)
+        why = kernels[_attention_op(ins.model)](ins, mode)
         if why is None and backend == "triton" and ins.device.type != "cuda":
             return "the Triton interpreter (CPU) is far too slow for whole models; triton models run on GPU"
         return why
@@ -186,15 +193,15 @@ def _step_check(backend: str) -> Callable[[ModelInputs, str], str | None]:
 def providers(model: str, scope: str) -> list[Provider]:
     """The providers of one model and scope."""
     if scope == "esvit_step":
-        backends = ("triton", "cuda", "torch") if _fused(model) else ("auto", "torch")
+        backends = _backends(model) if _fused(model) else ("auto", "torch")
         return [Provider(f"esvit+{b}", "ours", _esvit_step(b), _step_check(b), note=f"full EsViT step, backend='{b}'")
                 for b in backends]
-    if model not in TIMM_NAMES:  # CvT: timm has no windowed CvT; the peer is our model on the eager attention
+    if model not in TIMM_NAMES:  # CvT, ViL: timm has neither; the peer is our model on the eager attention
         return [Provider(f"esvit+{b}", "ours" if b != "torch" else "peer", _esvit(b), _esvit_check(b),
-                         note="" if b != "torch" else "eager window attention (no timm peer)")
-                for b in ("triton", "cuda", "torch")]
+                         note="" if b != "torch" else "eager attention (no timm peer)")
+                for b in _backends(model)]
     if model.startswith("swin"):
-        out = [Provider(f"esvit+{b}", "ours", _esvit(b), _esvit_check(b)) for b in ("triton", "cuda", "torch")]
+        out = [Provider(f"esvit+{b}", "ours", _esvit(b), _esvit_check(b)) for b in _backends(model)]
         out += [Provider(f"timm+{b}", "ours", _timm(b), _backend_check(b),
                          note=f"timm model patched by patch_timm_swin(backend='{b}')") for b in ("triton", "cuda")]
     else:
@@ -204,8 +211,13 @@ def providers(model: str, scope: str) -> list[Provider]:
 
 
 def _fused(model: str) -> bool:
-    """Whether the model runs the fused window attention (Swin, CvT): then one provider per backend."""
-    return model.startswith(("swin", "cvt"))
+    """Whether the model runs a fused attention op (Swin, CvT, ViL): then one provider per backend."""
+    return model.startswith(("swin", "cvt", "vil"))
+
+
+def _backends(model: str) -> tuple[str, ...]:
+    """The backends of a fused model: the neighbourhood op (ViL) has no cuda backend."""
+    return ("triton", "torch") if model.startswith("vil") else ("triton", "cuda", "torch")
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -214,10 +226,11 @@ def _fused(model: str) -> bool:
 def plan(device: torch.device, quick: bool) -> tuple[list[str], int, int, str]:
     """(models, image size, fixed batch, dtype). The CPU smoke pass uses 64-px images (a path check)."""
     if device.type != "cuda":
-        return ["swin_tiny", "cvt_v4_s1", "deit_small"], 64, 2, "fp32"
+        return ["swin_tiny", "cvt_v4_s1", "vil_2262", "deit_small"], 64, 2, "fp32"
     if quick:
         return ["swin_tiny", "deit_small"], 224, 32, "bf16"
-    return ["swin_tiny", "swin_small", "swin_base", "cvt_v4_s1", "deit_small", "vit_base", "resnet50"], 224, 128, "bf16"
+    return ["swin_tiny", "swin_small", "swin_base", "cvt_v4_s1", "vil_2262", "deit_small", "vit_base",
+            "resnet50"], 224, 128, "bf16"
 
 
 def _post(records: list[Record], batch: int) -> list[Record]:

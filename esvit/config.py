@@ -40,7 +40,8 @@ class Field:
 SCHEMA: dict[str, dict[str, Field]] = {
     "model": {
         "arch": Field("swin_tiny", "backbone: swin_micro | swin_micro_conv | swin_tiny | swin_small | swin_base | "
-                                   "deit_small | vit_base | resnet50 | cvt_micro | cvt_v4_s1(_rpe)(_shift)"),
+                                   "deit_small | vit_base | resnet50 | cvt_micro | cvt_v4_s1(_rpe)(_shift) | "
+                                   "vil_micro | vil_2262 | vil_small"),
         "window_size": Field(7, "Swin window size W (7 or 14); a stage whose map is <= W at the global crop "
                                 "size uses its map size and no shift"),
         "patch_size": Field(16, "ViT patch size (deit_small / vit_base)"),

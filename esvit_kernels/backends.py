@@ -45,6 +45,7 @@ AUTO_ORDER_CUDA = ("triton", "cuda", "torch")
 OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "window_attention": ("triton", "cuda", "torch"),
     "shifted_window_attention": ("triton", "cuda", "torch"),
+    "neighborhood_window_attention": ("triton", "torch"),
     "region_match": ("triton", "cuda", "torch"),
     "region_loss": ("triton", "cuda", "torch"),
     "multi_region_loss": ("triton", "torch"),

@@ -13,11 +13,15 @@ from . import reference
 from .backends import backend_name
 from .checks import CENTER_DTYPES, check_same, check_sizes, check_temperature, check_tensor, pair
 from .ops import losses as _loss_ops
+from .ops import neighborhood as _neighborhood_ops
 from .ops import window_attention as _window_ops
+from .reference.neighborhood import EXACT_MODES, NEIGHBOR_MODES
 
 __all__ = [
     "window_attention",
     "shifted_window_attention",
+    "neighborhood_window_attention",
+    "global_token_attention",
     "region_match",
     "region_loss",
     "dino_loss",
@@ -177,6 +181,152 @@ def shifted_window_attention(
         pad_qkv = pad_qkv.contiguous()  # differentiable: the gradient flows back to the strided view
     fn = _window_ops.get("shifted_window_attention", name)
     return fn(qkv, num_heads, ws, ss, bias_table, scale, pad_qkv, bool(roll_before_pad))
+
+
+# ------------------------------------------------------------------------- ViL neighbourhood attention
+
+
+def neighborhood_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_heads: int,
+    window_size: int,
+    global_k: torch.Tensor | None = None,
+    global_v: torch.Tensor | None = None,
+    local_bias_table: torch.Tensor | None = None,
+    global_bias: torch.Tensor | None = None,
+    neighbor: int = 0,
+    scale: float | None = None,
+    exact: int = 0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Vision Longformer's local-query attention (the official ``Long2DSCSelfAttention``): each query of a
+    w x w window attends to the keys of its 3x3 neighbourhood of windows plus the global tokens.
+
+    Args:
+        q, k, v: (B, H, W, C) query / key / value maps of the local tokens, C = num_heads * head_dim; q is
+            not pre-scaled. Strided views (e.g. slices of one Linear's output) are read in place by the
+            fused backend when their last dim has unit stride.
+        num_heads: heads; window_size: w (the map is zero-padded right/bottom to a multiple of w).
+        global_k, global_v: (B, G, C) keys / values of the G global tokens as the local queries see them
+            (the official code takes them from the same ``kv`` Linear as the local ones); both or neither.
+        local_bias_table: ((4w-1)^2, heads) relative-position bias table (official index, see
+            :mod:`esvit_kernels.reference.neighborhood`).
+        global_bias: (heads, G) added to the local-query -> global-key logits (official
+            ``g2l_relative_position_bias[1]``).
+        neighbor: official ``mode``: 0 = full 3x3 neighbourhood; k in 1..8 = own window plus neighbour k
+            (row-major over the 8 neighbours: 1 = up-left, 2 = up, 3 = up-right, 4 = left, 5 = right,
+            6 = down-left, 7 = down, 8 = down-right); -1 = own window only.
+        scale: logit scale, default head_dim ** -0.5.
+        exact: official ``mask_invalid_locations`` mode: 0 = blockwise with zero padding (ViL's
+            ``SW_EXACT: 0``, the default), -1 = blockwise with cyclic padding, 1 = exact sliding window
+            (neighbor 0 only).
+        backend: "auto" | "triton" | "torch" ("cuda" has no kernel for this op: a clear error).
+
+    Returns:
+        (B, H, W, C) attention output of the local queries (before the output projection), q's dtype.
+        Softmax runs jointly over [global keys, local keys].
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(t, name, ndim=4)
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must have one shape (B, H, W, C), got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    check_same({"q": q, "k": k, "v": v})
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
+        raise ValueError(f"window_size must be a positive int, got {window_size!r}")
+    b, h, w, c = q.shape
+    if c % num_heads != 0:
+        raise ValueError(f"C={c} must be a multiple of num_heads={num_heads}")
+    check_sizes("neighborhood_window_attention", "H, W >= 1 and head_dim = C / num_heads >= 1 in q (B, H, W, C)",
+                H=h, W=w, head_dim=c // num_heads)
+    if neighbor not in NEIGHBOR_MODES or isinstance(neighbor, bool):
+        raise ValueError(f"neighbor must be one of {NEIGHBOR_MODES} (official mode numbering), got {neighbor!r}")
+    if exact not in EXACT_MODES or isinstance(exact, bool):
+        raise ValueError(f"exact must be one of {EXACT_MODES} (official mask_invalid_locations), got {exact!r}")
+    if exact == 1 and neighbor != 0:
+        raise ValueError(f"exact=1 (exact sliding window) is defined only for neighbor=0, got neighbor={neighbor}")
+    if (global_k is None) != (global_v is None):
+        raise ValueError("global_k and global_v must be given together")
+    g = 0
+    if global_k is not None:
+        check_tensor(global_k, "global_k", ndim=3)
+        check_tensor(global_v, "global_v", ndim=3)
+        if global_k.shape != global_v.shape or global_k.shape[0] != b or global_k.shape[2] != c:
+            raise ValueError(f"global_k and global_v must both have shape (B={b}, G, C={c}), got "
+                             f"{tuple(global_k.shape)} and {tuple(global_v.shape)}")
+        check_same({"q": q, "global_k": global_k, "global_v": global_v})
+        g = global_k.shape[1]
+        if g == 0:
+            global_k = global_v = None
+    if local_bias_table is not None:
+        check_tensor(local_bias_table, "local_bias_table", ndim=2)
+        want = ((4 * window_size - 1) ** 2, num_heads)
+        if tuple(local_bias_table.shape) != want:
+            raise ValueError(f"local_bias_table must have shape ((4w-1)^2, heads) = {want} for window "
+                             f"{window_size} and {num_heads} heads, got {tuple(local_bias_table.shape)}")
+        check_same({"q": q, "local_bias_table": local_bias_table}, dtype=False)
+    if global_bias is not None:
+        check_tensor(global_bias, "global_bias", ndim=2)
+        if tuple(global_bias.shape) != (num_heads, g):
+            raise ValueError(f"global_bias must have shape (heads, G) = {(num_heads, g)}, got "
+                             f"{tuple(global_bias.shape)}" + ("" if g else " (no global tokens given)"))
+        check_same({"q": q, "global_bias": global_bias}, dtype=False)
+        if g == 0:
+            global_bias = None
+    hd = c // num_heads
+    scale = hd**-0.5 if scale is None else float(scale)
+    name = backend_name(backend, q.device.type, "neighborhood_window_attention")
+    if name == "torch":
+        return reference.neighborhood_window_attention(q, k, v, num_heads, window_size, global_k, global_v,
+                                                       local_bias_table, global_bias, neighbor, scale, exact)
+    for t, tn in ((q, "q"), (k, "k"), (v, "v"), (global_k, "global_k"), (global_v, "global_v")):
+        if t is not None:
+            _check_unit_stride(t, tn, name)
+    fn = _neighborhood_ops.get("neighborhood_window_attention", name)
+    return fn(q, k, v, num_heads, window_size, global_k, global_v, local_bias_table, global_bias, neighbor,
+              scale, exact)
+
+
+def global_token_attention(
+    q_g: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_heads: int,
+    bias: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """ViL's global-query path: G global queries q_g (B, G, C) attend densely to all N tokens k, v (B, N, C)
+    (official order: the G global tokens first, then the local ones) with an optional (heads, G, N) bias
+    (official ``cat([g2g_relative_position_bias, g2l_relative_position_bias[0] expanded])``); q_g is not
+    pre-scaled (scale defaults to head_dim ** -0.5). Returns (B, G, C).
+
+    A tiny dense attention: plain torch math on every device and backend (no fused kernel).
+    """
+    check_tensor(q_g, "q_g", ndim=3)
+    check_tensor(k, "k", ndim=3)
+    check_tensor(v, "v", ndim=3)
+    check_same({"q_g": q_g, "k": k, "v": v})
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    b, g, c = q_g.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[2] != c:
+        raise ValueError(f"k and v must both have shape (B={b}, N, C={c}), got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if c % num_heads != 0:
+        raise ValueError(f"C={c} must be a multiple of num_heads={num_heads}")
+    check_sizes("global_token_attention", "N >= 1 keys and head_dim >= 1", N=k.shape[1], head_dim=c // num_heads)
+    if bias is not None:
+        check_tensor(bias, "bias", ndim=3)
+        if tuple(bias.shape) != (num_heads, g, k.shape[1]):
+            raise ValueError(f"bias must have shape (heads, G, N) = {(num_heads, g, k.shape[1])}, got "
+                             f"{tuple(bias.shape)}")
+        check_same({"q_g": q_g, "bias": bias}, dtype=False)
+    scale = (c // num_heads) ** -0.5 if scale is None else float(scale)
+    return reference.global_token_attention(q_g, k, v, num_heads, bias, scale)
 
 
 # ----------------------------------------------------------------------------------------- losses

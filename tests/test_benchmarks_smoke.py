@@ -18,6 +18,7 @@ from benchmarks import attention_providers as AP
 from benchmarks import losses as L
 from benchmarks import report
 from benchmarks.suite import BUDGET_REASON
+from esvit_kernels import reference as R
 
 REPO = Path(__file__).resolve().parents[1]
 STATUSES = {"ok", "skipped", "oom", "error"}
@@ -81,6 +82,10 @@ def test_every_suite_measured_its_eager_peers(smoke):
         for mode in ("fwd", "bwd", "fwd+bwd"):
             assert ("attention", scope, "eager_ref", mode) in ok
             assert ("attention", scope, "sdpa_default", mode) in ok
+    for mode in ("fwd", "bwd", "fwd+bwd"):
+        assert ("attention", "vil", "eager_unfold", mode) in ok
+        assert ("attention", "vil", "sdpa_default", mode) in ok
+    assert ("attention", "vil", "triton", "fwd+bwd") in ok
     assert ("attention", "block", "compiled_ref", "fwd+bwd") in ok  # the one CPU compile
     assert ("attention", "layer", "timm", "fwd+bwd") in ok
     for scope in ("view", "region"):
@@ -139,6 +144,27 @@ def test_attention_peers_match_the_reference(shape, scope):
             out = core(ins.q.detach(), ins.k.detach(), ins.v.detach())
         else:
             out = AP._block(core, ins)(ins.qkv.detach())
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("shape", A.vil_cpu_shapes() + [A.ViLShape("odd", 1, 40, 2, 11, 32, 2, 3, 2)],
+                         ids=lambda s: s.name.split(" ")[0])
+def test_vil_peers_match_the_reference(shape):
+    ins = A.make_vil_inputs(shape, "fp32", torch.device("cpu"))
+    s = shape
+    ref = R.neighborhood_window_attention(ins.q, ins.k, ins.v, s.heads, s.window, ins.global_k, ins.global_v,
+                                          ins.table, ins.global_bias)
+    ref_g = _grads(ref, ins.grads())
+    provs = {p.name: p for p in AP.PROVIDERS["vil"]}
+    for name in ("torch", "eager_unfold", "sdpa_default"):
+        out = provs[name].build(ins).fn()
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=name)
+        for g, rg in zip(_grads(out, ins.grads()), ref_g):
+            torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-5, msg=f"{name} grad")
+    with torch.no_grad():  # FlexAttention's score_mod / block mask, eagerly (forward only on the CPU)
+        q, k, v = (t.detach() for t in AP._vil_tokens(ins))
+        out = AP._vil_out(AP._vil_flex_fn(ins)(q, k, v), ins)
     torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
 
 

@@ -44,12 +44,12 @@ def compiled() -> list[dict]:
 
 
 def test_every_variant_compiles(compiled):
-    from esvit_kernels._triton import losses, window_attention
+    from esvit_kernels._triton import losses, neighborhood, window_attention
     from esvit_kernels._triton.aot import cases
 
     got = {(f"{r['module']}/{r['case']}", r["dtype"]) for r in compiled if r["arch"] == 90}
     assert got == {(c, d) for c, case in cases().items() if case.ci for d in ("bfloat16", "float32")}
-    kernels = {n for mod in (window_attention, losses) for n in vars(mod) if n.endswith("_kernel")}
+    kernels = {n for mod in (window_attention, losses, neighborhood) for n in vars(mod) if n.endswith("_kernel")}
     assert {r["kernel"] for r in compiled} == kernels, "a kernel is never launched by the AOT cases"
 
 

@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = "configuration fields (section.key = default), all settable as section.key=value:\n\n" + describe()
     p.add_argument("--config", metavar="YAML", help="YAML preset (see configs/); may extend another with 'base:'")
     p.add_argument("--arch", help="backbone (model.arch): swin_micro(_conv), swin_tiny, swin_small, swin_base, "
-                                  "deit_small, vit_base, resnet50, cvt_micro, cvt_v4_s1(_rpe)(_shift)")
+                                  "deit_small, vit_base, resnet50, cvt_micro, cvt_v4_s1(_rpe)(_shift), "
+                                  "vil_micro, vil_2262, vil_small")
     p.add_argument("--window-size", type=int, help="Swin / CvT window size (model.window_size): 7 or 14")
     p.add_argument("--data", metavar="DIR", help="ImageFolder directory, or 'embedded' for the generated "
                                                  "dataset (data.path)")

@@ -9,8 +9,9 @@ DESCRIPTION = """\
 Attention of the last block of the last stage, per head, over the image at the model's crop size. The
 fused kernels do not return attention probabilities, so they are recomputed from the block's own weights
 with the eager reference math (for Swin at its training resolution the last stage is a single window over
-the whole map). --query mean (default) shows, per position, the attention it receives averaged over all
-query positions; --query center the attention of the centre token; --query cls (ViT) that of the CLS token.
+the whole map; ViL's last stage runs full attention). --query mean (default) shows, per position, the
+attention it receives averaged over all query positions; --query center the attention of the centre token;
+--query cls (ViT; ViL with a global token in its last stage) that of the CLS / first global token.
 
 Example:
   esvit viz-attention --checkpoint runs/demo/checkpoint.pth --image cat.png --output attn.png

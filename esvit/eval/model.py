@@ -20,6 +20,7 @@ from ..models import (
     CvTTransformer,
     ResNetBackbone,
     SwinTransformer,
+    VisionLongformer,
     VisionTransformer,
     create_backbone,
     min_crop_size,
@@ -36,7 +37,7 @@ class EvalModel:
     arch: str
     crop_size: int
     source: str  # human-readable: "teacher of CKPT (epoch 8)" or "random init (seed 0)"
-    backend: str  # window-attention backend the Swin resolves to on this device ("-" for the others)
+    backend: str  # attention backend the Swin / ViL resolves to on this device ("-" for the others)
     config: dict | None = None
 
     @property
@@ -45,11 +46,15 @@ class EvalModel:
 
 
 def _attention_backend(backbone: nn.Module, requested: str, device: torch.device) -> str:
-    if not isinstance(backbone, (SwinTransformer, CvTTransformer)):
+    if isinstance(backbone, (SwinTransformer, CvTTransformer)):
+        op = "shifted_window_attention"
+    elif isinstance(backbone, VisionLongformer):
+        op = "neighborhood_window_attention"
+    else:
         return "-"
     from esvit_kernels.backends import resolve_backend
 
-    return resolve_backend(requested, device, op="shifted_window_attention")[0]
+    return resolve_backend(requested, device, op=op)[0]
 
 
 def load_eval_model(
@@ -194,9 +199,9 @@ def model_from_args(args: argparse.Namespace, device: torch.device) -> EvalModel
 
 
 def token_grid(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Final region features (B, h*w, C), row-major, and their grid (h, w): Swin's / CvT's final-LN tokens, a ViT's
-    patch tokens, a ResNet's final map positions."""
-    if isinstance(backbone, (SwinTransformer, CvTTransformer)):
+    """Final region features (B, h*w, C), row-major, and their grid (h, w): Swin's, CvT's and ViL's final-LN
+    (local) tokens, a ViT's patch tokens, a ResNet's final map positions."""
+    if isinstance(backbone, (SwinTransformer, CvTTransformer, VisionLongformer)):
         return backbone.forward_features(x)
     if isinstance(backbone, VisionTransformer):
         _, patches = backbone(x)

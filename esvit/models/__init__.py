@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from esvit_kernels.nn import WindowAttention
@@ -15,6 +17,7 @@ from .cvt import CVT_ARCHS, CvTAttention, CvTTransformer, convert_cvt_state_dict
 from .heads import DINOHead
 from .resnet import ResNetBackbone
 from .swin import SWIN_ARCHS, SwinTransformer
+from .vil import VIL_ARCHS, LongformerAttention, VisionLongformer, parse_vil_arch
 from .vit import VIT_ARCHS, VisionTransformer
 from .wrapper import MultiCropOutput, MultiCropWrapper
 
@@ -28,7 +31,9 @@ __all__ = [
     "ResNetBackbone",
     "SWIN_ARCHS",
     "SwinTransformer",
+    "VIL_ARCHS",
     "VIT_ARCHS",
+    "VisionLongformer",
     "VisionTransformer",
     "convert_cvt_state_dict",
     "convert_swin_state_dict",
@@ -38,17 +43,20 @@ __all__ = [
     "set_backend",
 ]
 
-ARCHS: tuple[str, ...] = (*SWIN_ARCHS, *VIT_ARCHS, "resnet50", *CVT_ARCHS)
+ARCHS: tuple[str, ...] = (*SWIN_ARCHS, *VIT_ARCHS, "resnet50", *CVT_ARCHS, *VIL_ARCHS)
 
 
 def min_crop_size(name: str, patch_size: int = 16) -> int:
     """Smallest crop (pixels) the architecture can embed: one patch (Swin 4, ViT ``patch_size``, ResNet 32,
-    CvT one token after its strided token embeddings: 3)."""
+    CvT one token after its strided token embeddings: 3, ViL the product of its stages' patch sizes: 32,
+    vil_micro 16)."""
     if name in SWIN_ARCHS:
         return 4
     if name in CVT_ARCHS:
         a = CVT_ARCHS[name]
         return min_input_size(a.patch_sizes, a.patch_strides, a.patch_paddings)
+    if name in VIL_ARCHS:
+        return math.prod(s.patch_size for s in parse_vil_arch(VIL_ARCHS[name].arch))
     if name in VIT_ARCHS:
         return patch_size
     return 32
@@ -59,19 +67,24 @@ def create_backbone(
     drop_path_rate: float | None = None, use_checkpoint: bool = False, **kwargs,
 ) -> nn.Module:
     """Build a backbone by name: swin_micro | swin_micro_conv | swin_tiny | swin_small | swin_base | deit_small |
-    vit_base | resnet50 | cvt_micro | cvt_v4_s1 (and its _rpe, _shift, _rpe_shift variants).
+    vit_base | resnet50 | cvt_micro | cvt_v4_s1 (and its _rpe, _shift, _rpe_shift variants) | vil_micro |
+    vil_2262 | vil_small.
 
     Args:
-        window_size: Swin / CvT window (7 or 14); ignored by the others.
-        img_size: global crop size; fixes Swin's per-stage windows and the ViT position-embedding grid
-            (CvT picks its windows per map, as the official code).
-        backend: window-attention backend for Swin and CvT ("auto" | "triton" | "cuda" | "torch").
+        window_size: Swin / CvT window (7 or 14); ignored by the others (a ViL's windows are in its arch
+            string).
+        img_size: global crop size; fixes Swin's per-stage windows, the ViT position-embedding grid and ViL's
+            full-attention bias tables and position-embedding grids (CvT picks its windows per map, as the
+            official code).
+        backend: window-attention backend for Swin and CvT ("auto" | "triton" | "cuda" | "torch") and ViL's
+            sparse attention ("auto" | "triton" | "torch").
         drop_path_rate: None = the architecture's default (0.1 for T, 0.2 for S/B, 0.1 for the ViTs);
             pass 0 for a teacher.
         use_checkpoint: gradient (activation) checkpointing of every block.
         kwargs: overrides of the architecture's fields (Swin: embed_dim, depths, num_heads, mlp_ratio,
             norm_eps, patch_size; ViT: embed_dim, depth, num_heads, patch_size, norm_eps; CvT: the fields of
-            :class:`esvit.models.cvt.CvTArch`, e.g. shift, rel_pos_embed).
+            :class:`esvit.models.cvt.CvTArch`, e.g. shift, rel_pos_embed; ViL: arch (an official arch string),
+            mode (-1 | 0 | 1), share_w, norm_embed, norm_eps).
     """
     if name in SWIN_ARCHS:
         a = SWIN_ARCHS[name]
@@ -86,6 +99,12 @@ def create_backbone(
                 "drop_path_rate": a.drop_path_rate if drop_path_rate is None else drop_path_rate}
         spec.update(kwargs)
         return VisionTransformer(img_size=img_size, use_checkpoint=use_checkpoint, **spec)
+    if name in VIL_ARCHS:
+        a = VIL_ARCHS[name]
+        spec = {"arch": a.arch, "mode": a.mode,
+                "drop_path_rate": a.drop_path_rate if drop_path_rate is None else drop_path_rate}
+        spec.update(kwargs)
+        return VisionLongformer(img_size=img_size, backend=backend, use_checkpoint=use_checkpoint, **spec)
     if name == "resnet50":
         if kwargs:
             raise ValueError(f"resnet50 takes no architecture overrides, got {sorted(kwargs)}")
@@ -97,9 +116,10 @@ def create_backbone(
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Switch every fused window-attention module of ``model`` to ``backend`` (weights unchanged)."""
+    """Switch every fused attention module (Swin's and CvT's window attention, ViL's sparse attention) of
+    ``model`` to ``backend`` (weights unchanged)."""
     for m in model.modules():
-        if isinstance(m, (WindowAttention, CvTAttention)):
+        if isinstance(m, (WindowAttention, CvTAttention, LongformerAttention)):
             m.backend = backend
     return model
 

@@ -2,9 +2,10 @@
 
 The fused kernels never materialise the attention probabilities, so a forward pre-hook records the input
 of the backbone's last block and the probabilities are recomputed from that block's own parameters:
-``softmax(q * scale @ k^T + relative-position bias)`` (Swin, :mod:`esvit_kernels.reference.window`) or
-``softmax(q * scale @ k^T)`` (ViT). At the model's training resolution Swin's last stage is one window
-covering the whole map (no shift), so every head has one attention matrix over the whole image.
+``softmax(q * scale @ k^T + relative-position bias)`` (Swin, :mod:`esvit_kernels.reference.window`; ViL,
+whose last stage runs full attention, with its global-token biases) or ``softmax(q * scale @ k^T)`` (ViT).
+At the model's training resolution Swin's last stage is one window covering the whole map (no shift), so
+every head has one attention matrix over the whole image.
 
 The map shown for a head is, for each image position (key), the attention it receives averaged over all
 query positions (``query="mean"``, the default: where the head looks overall); ``query="center"`` shows the
@@ -23,7 +24,8 @@ from torch import nn
 from esvit_kernels.reference.window import gather_relative_bias, window_partition
 
 from ..eval.transforms import denormalize
-from ..models import SwinTransformer, VisionTransformer
+from ..models import SwinTransformer, VisionLongformer, VisionTransformer
+from ..models.vil import FullAttention
 
 __all__ = ["QUERIES", "attention_maps", "draw_attention", "last_block_attention"]
 
@@ -42,14 +44,21 @@ class _Capture:
 def last_block_attention(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], bool]:
     """Attention probabilities of the backbone's last block: ((B, heads, L, L), token grid (h, w), has_cls).
 
-    For a ViT, L = 1 + h*w (CLS first); for Swin, L = h*w (row-major). ResNets have no attention.
+    For a ViT, L = 1 + h*w (CLS first); for Swin, L = h*w (row-major); for ViL, h*w or, when its last stage has
+    global tokens, 1 + h*w (the first global token in the CLS place; other global tokens left out). ResNets
+    have no attention.
     """
     if isinstance(backbone, SwinTransformer):
         block = backbone.layers[-1].blocks[-1]
     elif isinstance(backbone, VisionTransformer):
         block = backbone.blocks[-1]
+    elif isinstance(backbone, VisionLongformer):
+        block = backbone.layers[-1][-2]  # the last attention block (its MLP block follows)
+        if not isinstance(block.attn, FullAttention):
+            raise TypeError("this ViL's last stage runs the sparse neighbourhood attention: only a full-attention "
+                            "last stage (s0, as in every preset) has one attention matrix over the image")
     else:
-        raise TypeError(f"{type(backbone).__name__} has no attention to show (Swin and ViT backbones do)")
+        raise TypeError(f"{type(backbone).__name__} has no attention to show (Swin, ViT and ViL backbones do)")
     cap = _Capture()
     handle = block.register_forward_pre_hook(cap)
     try:
@@ -59,6 +68,10 @@ def last_block_attention(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Te
     tokens = cap.args[0]
     if isinstance(backbone, SwinTransformer):
         return _swin_attention(block, tokens, cap.args[1]), cap.args[1], False
+    if isinstance(backbone, VisionLongformer):
+        probs, g = _vil_attention(block, tokens, cap.args[1]), block.attn.num_global
+        keep = torch.cat([torch.zeros(min(g, 1), dtype=torch.long), torch.arange(g, tokens.shape[1])])
+        return probs[:, :, keep][:, :, :, keep], tuple(cap.args[1]), g > 0
     grid = (x.shape[-2] // backbone.patch_size, x.shape[-1] // backbone.patch_size)
     return _vit_attention(block, tokens), grid, True
 
@@ -75,6 +88,17 @@ def _swin_attention(block: nn.Module, tokens: torch.Tensor, hw: tuple[int, int])
     q, k, _ = qkv.view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     logits = (q * attn.scale) @ k.transpose(-2, -1)
     logits = logits + gather_relative_bias(attn.relative_position_bias_table, (wh, ww)).unsqueeze(0)
+    return logits.softmax(dim=-1)
+
+
+def _vil_attention(block: nn.Module, tokens: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    attn = block.attn
+    b, n, c = tokens.shape
+    hd = c // attn.num_heads
+    q, k, _ = attn.qkv(block.norm(tokens)).view(b, n, 3, attn.num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    logits = (q * hd**-0.5) @ k.transpose(-2, -1)
+    if attn.rpe:
+        logits = logits + attn.attention_bias(hw[0] * hw[1])
     return logits.softmax(dim=-1)
 
 
@@ -100,7 +124,8 @@ def attention_maps(probs: torch.Tensor, grid: tuple[int, int], has_cls: bool, qu
             rows = probs[:, :, 1:, 1:].mean(dim=2)
     else:
         if query == "cls":
-            raise ValueError("query 'cls' needs a ViT (Swin has no CLS token); use 'mean' or 'center'")
+            raise ValueError("query 'cls' needs a CLS token (a ViT, or a ViL whose last stage has a global token); "
+                             "use 'mean' or 'center'")
         rows = probs[:, :, (h // 2) * w + w // 2, :] if query == "center" else probs.mean(dim=2)
     return rows.reshape(*rows.shape[:2], h, w)
 

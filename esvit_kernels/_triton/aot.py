@@ -270,10 +270,10 @@ REALISTIC_SM_COUNT = 132  # H100 SXM / H200
 
 def cases() -> dict[str, AotCase]:
     """Every kernel module's AOT cases, keyed "module/case"."""
-    from . import losses, window_attention
+    from . import losses, neighborhood, window_attention
 
     return {f"{mod.__name__.rsplit('.', 1)[-1]}/{label}": c
-            for mod in (window_attention, losses) for label, c in mod.aot_cases().items()}
+            for mod in (window_attention, losses, neighborhood) for label, c in mod.aot_cases().items()}
 
 
 def report(arch: int = 90, names: list[str] | None = None, dtypes: Sequence[str] = ("bfloat16", "float32"),

@@ -1,6 +1,7 @@
 """Eager PyTorch references of every fused op: the oracle of the tests and the ``torch`` backend."""
 
 from .losses import dino_loss, multi_region_loss, region_loss, region_match, teacher_probs
+from .neighborhood import global_token_attention, neighborhood_window_attention
 from .window import (
     gather_relative_bias,
     relative_position_index,
@@ -15,7 +16,9 @@ from .window import (
 __all__ = [
     "dino_loss",
     "gather_relative_bias",
+    "global_token_attention",
     "multi_region_loss",
+    "neighborhood_window_attention",
     "region_loss",
     "region_match",
     "relative_position_index",
