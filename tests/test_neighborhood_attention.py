@@ -153,6 +153,18 @@ def test_bad_inputs_fail_clearly(over, exc, match):
         _call(**over)
 
 
+@requires_triton
+def test_fused_backend_limits_and_strides_fail_clearly():
+    q = torch.randn(1, 4, 4, 2 * 160)
+    with pytest.raises(ValueError, match="head_dim <= 128"):
+        ek.neighborhood_window_attention(q, q, q, 2, 2, backend="triton")
+    q = torch.randn(1, 4, 4, 16)
+    with pytest.raises(ValueError, match="window_size <= 16"):
+        ek.neighborhood_window_attention(q, q, q, 1, 17, backend="triton")
+    with pytest.raises(ValueError, match="unit stride"):
+        ek.neighborhood_window_attention(q, q, torch.randn(1, 4, 4, 32)[..., ::2], 1, 2, backend="triton")
+
+
 def test_global_token_attention_bad_inputs():
     qg, k = torch.randn(1, 1, 8), torch.randn(1, 4, 8)
     with pytest.raises(ValueError, match=r"\(heads, G, N\)"):
