@@ -1,7 +1,8 @@
 """ViL neighbourhood window attention: the eager reference against a brute-force per-query oracle written
 from the semantics (map positions, not windows), the functional API's input checks, and the fused Triton
 kernels (interpreter) against the reference: values and every gradient (q, k, v, global k / v, the local
-bias table, the global bias) in fp32 tightly and fp16 / bf16 with conftest.TOL.
+bias table, the global bias) in fp32 tightly (conftest.TOL) and fp16 / bf16 with conftest.TOL (values) and
+2 x TOL (gradients).
 
 The reference itself was checked against the official ``Long2DSCSelfAttention`` (float64, max abs
 difference 7e-16 over exact 0 / -1 / 1, neighbor 0 / -1 / 1 / 3 / 4 / 5 / 8, 0-2 global tokens, maps
@@ -209,12 +210,15 @@ def _run(case, dtype, bias=True, backend="triton", device="cpu", cases=CASES):
 
 
 def check(out, ref, got, want, names, dtype):
-    """Output and every gradient within conftest.TOL of the reference; gradients in the inputs' dtypes."""
+    """Output within conftest.TOL of the reference, gradients within TOL (fp32) or 2 x TOL (fp16 / bf16, as the
+    Swin tests: the table and global-bias gradients sum dS over many pairs whose contributions cancel, and
+    delta = rowsum(dO * O) reads the rounded output: up to 2.5e-2 in bf16, 2.8e-3 in fp16 over CASES);
+    gradients in the inputs' dtypes."""
     assert out.dtype == dtype
     assert_close(out, ref, dtype, "out")
     for n, a, e in zip(names, got, want):
         assert a.dtype == (torch.float32 if n in ("dtable", "dglobal_bias") else dtype), n
-        assert_close(a, e, dtype, n)
+        assert_close(a, e, dtype, n, factor=1.0 if dtype == torch.float32 else 2.0)
 
 
 @requires_triton
@@ -227,8 +231,8 @@ def test_fused_fp32(case):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", HALF_CASES)
 def test_fused_half(case, dtype):
-    """Half precision against the fp32 reference on the same rounded inputs, conftest.TOL (P and dS are
-    rounded to the input dtype before the matmuls, as FlashAttention does)."""
+    """Half precision against the fp32 reference on the same rounded inputs, tolerances of :func:`check` (P
+    and dS are rounded to the input dtype before the matmuls, as FlashAttention does)."""
     check(*_run(case, dtype), dtype)
 
 
