@@ -121,6 +121,16 @@ def test_torch_backend_is_the_reference_and_global_path():
     torch.testing.assert_close(out, want)
 
 
+def test_torch_backend_reads_strided_views():
+    """Slices of one Linear's output, on a map that needs no padding, give the contiguous result."""
+    x, gx = torch.randn(2, 6, 6, 96), torch.randn(2, 1, 64)
+    views = (x[..., :32], x[..., 32:64], x[..., 64:], gx[..., :32], gx[..., 32:])
+    got = ek.neighborhood_window_attention(*views[:3], 2, 3, *views[3:], backend="torch")
+    want = ek.neighborhood_window_attention(*(t.contiguous() for t in views[:3]), 2, 3,
+                                            *(t.contiguous() for t in views[3:]), backend="torch")
+    assert torch.equal(got, want)
+
+
 # ------------------------------------------------------------------------------ input checks
 
 
