@@ -381,6 +381,9 @@ def _nwa_dbias_kernel(
     h = tl.program_id(1)
     ci = tl.program_id(2)
     dm, dn = _chunk(ci, NCH, CH1)
+    t = tl.arange(0, BL)
+    tv = t < WIN * WIN
+    bias = _bias(bias_ptr, bst, bsh, h, t // WIN, t % WIN, tv, dm, dn, WIN, True, False)  # same in every window
     acc = tl.zeros((BL, BL), tl.float32)
     for it in range(0, wins_per_prog):
         wid = tl.minimum(grp * wins_per_prog + it, NWT - 1)  # past the end: a repeat, with all queries masked
@@ -390,12 +393,11 @@ def _nwa_dbias_kernel(
                 q_ptr, dout_ptr, lse_ptr, delta_ptr, b, m, n, grp * wins_per_prog + it < NWT, li, lj, tv, H, W, MX, MY,
                 sqb, sqr, sqc, sob, sor, soc, h, d, t, HEADS, HD, WIN, BL)
             s, ok, k, v = _chunk_logits(q, k_ptr, v_ptr, bias_ptr, b, m, n, h, dm, dn, li, lj, tv, qr, qc, qin, d, H, W,
-                                        MX, MY, skb, skr, skc, svb, svr, svc, bst, bsh, scale, HD, WIN, EXACT, True,
+                                        MX, MY, skb, skr, skc, svb, svr, svc, bst, bsh, scale, HD, WIN, EXACT, False,
                                         DOT_F32, IS_F32)
-            p = tl.where(ok, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)
+            p = tl.where(ok, tl.exp2((s + bias - lse[:, None]) * LOG2E), 0.0)
             dp = _dot(do, tl.trans(v), DOT_F32, IS_F32)
             acc += p * (dp - delta[:, None])
-    t = tl.arange(0, BL)
     tl.store(part_ptr + (((grp.to(tl.int64) * HEADS + h) * NCH + ci) * BL + t[:, None]) * BL + t[None, :], acc)
 
 
