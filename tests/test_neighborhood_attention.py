@@ -198,6 +198,7 @@ CASES = {  # (B, H, W, heads, head_dim, window, G, neighbor, exact)
     "cyclic": (1, 8, 7, 1, 16, 3, 2, 0, -1),
     "cyclic_neighbor5_2x2_grid": (1, 3, 4, 1, 16, 2, 1, 5, -1),
     "exact_sliding": (1, 7, 5, 2, 16, 3, 1, 0, 1),
+    "g17_two_global_tiles": (1, 4, 5, 1, 16, 2, 17, 0, 0),  # G > 16: a 32-row global-key tile
 }
 HALF_CASES = ["vil_w7_pad", "g2_neighbor5", "cyclic"]
 

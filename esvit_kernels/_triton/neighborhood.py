@@ -7,8 +7,9 @@ Addressing
     c % 3 - 1), the key tile's rows are computed from (m + dm, n + dn): in-map positions are loaded,
     positions on the virtual zero padding read 0, and the official ``exact`` mask (zero padding, cyclic
     wrap-around, or exact sliding window) is applied per pair inside the kernel. The bias is gathered from
-    the ((4w-1)^2, heads) table by index arithmetic. The G global keys form one extra BG-row tile that
-    opens the online softmax.
+    the ((4w-1)^2, heads) table by index arithmetic. The G global keys form one extra BG-row tile
+    (BG = max(16, next_pow2(G))) that opens the online softmax. The backward kernels skip neighbour windows
+    outside the grid (zero / exact modes); the forward predicates their loads off instead (kernel notes).
 
 Backward (no atomics, deterministic)
     * dQ kernel, one program per query window and head: recomputes P from the saved logsumexp, writes
@@ -39,25 +40,15 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreting
+from ..reference.neighborhood import neighbor_chunks
 from . import aot
 from .aot import launch
 from .window_attention import LOG2E, _dot, _next_pow2
 
-__all__ = ["nwa_forward", "nwa_backward", "chunk_list"]
-
-BG_TILE = 16  # rows of the global-key tile (tl.dot needs >= 16)
+__all__ = ["nwa_forward", "nwa_backward"]
 
 
 # ----------------------------------------------------------------------------------------- helpers
-
-
-def chunk_list(neighbor: int) -> tuple[int, ...]:
-    """Chunks (0..8, 4 = own window) of the official ``mode`` numbering."""
-    if neighbor == 0:
-        return tuple(range(9))
-    if neighbor == -1:
-        return (4,)
-    return (4, neighbor - 1 if neighbor <= 4 else neighbor)
 
 
 @triton.jit
@@ -415,13 +406,14 @@ def _geometry(q: torch.Tensor, heads: int, window: int, neighbor: int, exact: in
     per SM); fp32's exact dots and head_dim 64 need 8 (at 4 the dK/dV kernel spills 6.8 KB per thread in
     fp32, 192 B in bf16 at head_dim 64)."""
     hd = q.shape[3] // heads
-    chunks = chunk_list(neighbor)
+    chunks = neighbor_chunks(neighbor)
     bd = max(16, _next_pow2(hd))
     return dict(
         HEADS=heads, HD=hd, BD=bd, WIN=window, BL=max(16, _next_pow2(window * window)),
         NCH=len(chunks), CH1=chunks[-1], EXACT=exact, HAS_BIAS=has_bias,
         DOT_F32=triton_interpreting() and q.dtype == torch.bfloat16, IS_F32=q.dtype == torch.float32,
-        num_warps=8 if q.dtype == torch.float32 or bd >= 64 else 4, BG=BG_TILE, HAS_GLOBAL=g > 0, HAS_GBIAS=has_gbias,
+        num_warps=8 if q.dtype == torch.float32 or bd >= 64 else 4, HAS_GLOBAL=g > 0, HAS_GBIAS=has_gbias,
+        BG=max(16, _next_pow2(g)),  # rows of the global-key tile (tl.dot needs >= 16)
     )
 
 
@@ -468,7 +460,7 @@ def _table_gather_index(window: int, neighbor: int, bl: int, device_str: str) ->
     """(T, maxc) flat positions (chunk, i, j) of the (NCH, BL, BL) partial tiles whose pair uses table
     entry T, padded with the index of an appended zero: a deterministic gather-and-sum."""
     w = window
-    chunks = chunk_list(neighbor)
+    chunks = neighbor_chunks(neighbor)
     li = torch.arange(w * w) // w
     lj = torch.arange(w * w) % w
     rels, poss = [], []
@@ -521,7 +513,8 @@ def nwa_backward(dout, q, k, v, gk, gv, table, gbias, out, lse, heads, window, n
     gb = gbias if gbias is not None else dummy
     gb_st = gbias.stride() if gbias is not None else (0, 0)
     delta = torch.empty_like(lse)
-    part_shape = (nwt, heads, BG_TILE)
+    bg = geo["BG"]
+    part_shape = (nwt, heads, bg)
     dgk_p = torch.empty(*part_shape, bd, device=dev, dtype=f32) if g else empty
     dgv_p = torch.empty(*part_shape, bd, device=dev, dtype=f32) if g else empty
     dgb_p = torch.empty(*part_shape, device=dev, dtype=f32) if g else empty
@@ -558,11 +551,11 @@ def nwa_backward(dout, q, k, v, gk, gv, table, gbias, out, lse, heads, window, n
             dgb = torch.zeros(heads, g, device=dev, dtype=f32)
         else:
             # (B, windows, heads, BG, BD) -> sum over the windows in a fixed order -> (B, G, heads * hd)
-            red = dgk_p.view(b, mx * my, heads, BG_TILE, bd).sum(1)[:, :, :g, :hd]
+            red = dgk_p.view(b, mx * my, heads, bg, bd).sum(1)[:, :, :g, :hd]
             dgk = red.permute(0, 2, 1, 3).reshape(b, g, c).to(q.dtype)
-            red = dgv_p.view(b, mx * my, heads, BG_TILE, bd).sum(1)[:, :, :g, :hd]
+            red = dgv_p.view(b, mx * my, heads, bg, bd).sum(1)[:, :, :g, :hd]
             dgv = red.permute(0, 2, 1, 3).reshape(b, g, c).to(q.dtype)
-            dgb = dgb_p.view(nwt, heads, BG_TILE).sum(0)[:, :g].contiguous()
+            dgb = dgb_p.view(nwt, heads, bg).sum(0)[:, :g].contiguous()
         if not need_dgbias:
             dgb = q.new_empty(0, dtype=f32)
     return dq, dk, dv, dgk, dgv, dtable, dgb
