@@ -199,6 +199,8 @@ CASES = {  # (B, H, W, heads, head_dim, window, G, neighbor, exact)
     "cyclic_neighbor5_2x2_grid": (1, 3, 4, 1, 16, 2, 1, 5, -1),
     "exact_sliding": (1, 7, 5, 2, 16, 3, 1, 0, 1),
     "g17_two_global_tiles": (1, 4, 5, 1, 16, 2, 17, 0, 0),  # G > 16: a 32-row global-key tile
+    "w5_neighbor7": (1, 11, 7, 1, 16, 5, 1, 7, 0),  # 25 tokens in a 32-row tile
+    "one_row_map_w1": (1, 1, 9, 1, 16, 1, 1, 0, -1),  # 1x1 windows, cyclic
 }
 HALF_CASES = ["vil_w7_pad", "g2_neighbor5", "cyclic"]
 
