@@ -127,10 +127,12 @@ def headline_plan(ctx: RunContext) -> list[tuple[float, str, Callable[[], Iterat
     att = lambda shape: lambda: run_cases(iter([attention.block_case(ctx, shape, dtype)]), ctx)  # noqa: E731
     loss_shape = losses.headline_shape(ctx.device)
     loss_cases = [losses.loss_case(ctx, loss_shape, dtype, scope) for scope in ("region", "view")]
+    vil = attention.vil_headline_shape(ctx.device)
     plan = [
         (0.30, f"attention {shapes[0].name}", att(shapes[0])),
         (0.20, "losses", lambda: run_cases(iter(loss_cases), ctx)),
         (0.20, "EsViT Swin-T step", lambda: models.headline_step(ctx)),
+        (0.15, f"attention {vil.name}", lambda: run_cases(iter([attention.vil_case(ctx, vil, dtype)]), ctx)),
     ]
     return plan + [(0.15, f"attention {s.name}", att(s)) for s in shapes[1:]]
 

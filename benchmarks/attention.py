@@ -355,6 +355,12 @@ def headline_shapes(device: torch.device) -> list[AttnShape]:
     return [t7[0], t7[2], b14[0]]
 
 
+def vil_headline_shape(device: torch.device) -> ViLShape:
+    """gpu-check's ViL headline: ViL-2262 stage 1 (B=128, 56x56, C=96, 3 heads, w7, one global token); the
+    CPU smoke pass's tiny ViL shape on the CPU."""
+    return vil_stages(224, 128)[0] if device.type == "cuda" else vil_cpu_shapes()[0]
+
+
 def block_case(ctx: RunContext, shape: AttnShape, dtype: str, scope: str = "block") -> Case:
     """One attention case (every provider of ``scope``, all three modes)."""
     from .attention_providers import PROVIDERS

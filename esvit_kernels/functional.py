@@ -283,6 +283,9 @@ def neighborhood_window_attention(
     if name == "torch":
         return reference.neighborhood_window_attention(q, k, v, num_heads, window_size, global_k, global_v,
                                                        local_bias_table, global_bias, neighbor, scale, exact)
+    if hd > 128 or window_size > 16:
+        raise ValueError(f"neighborhood_window_attention: the {name} backend takes head_dim <= 128 and window_size "
+                         f"<= 16 (got {hd} and {window_size}); use backend='torch'")
     for t, tn in ((q, "q"), (k, "k"), (v, "v"), (global_k, "global_k"), (global_v, "global_v")):
         if t is not None:
             _check_unit_stride(t, tn, name)

@@ -1,7 +1,8 @@
 """ViL neighbourhood window attention: the eager reference against a brute-force per-query oracle written
 from the semantics (map positions, not windows), the functional API's input checks, and the fused Triton
 kernels (interpreter) against the reference: values and every gradient (q, k, v, global k / v, the local
-bias table, the global bias) in fp32 tightly and fp16 / bf16 with conftest.TOL.
+bias table, the global bias) in fp32 tightly (conftest.TOL) and fp16 / bf16 with conftest.TOL (values) and
+2 x TOL (gradients).
 
 The reference itself was checked against the official ``Long2DSCSelfAttention`` (float64, max abs
 difference 7e-16 over exact 0 / -1 / 1, neighbor 0 / -1 / 1 / 3 / 4 / 5 / 8, 0-2 global tokens, maps
@@ -120,6 +121,16 @@ def test_torch_backend_is_the_reference_and_global_path():
     torch.testing.assert_close(out, want)
 
 
+def test_torch_backend_reads_strided_views():
+    """Slices of one Linear's output, on a map that needs no padding, give the contiguous result."""
+    x, gx = torch.randn(2, 6, 6, 96), torch.randn(2, 1, 64)
+    views = (x[..., :32], x[..., 32:64], x[..., 64:], gx[..., :32], gx[..., 32:])
+    got = ek.neighborhood_window_attention(*views[:3], 2, 3, *views[3:], backend="torch")
+    want = ek.neighborhood_window_attention(*(t.contiguous() for t in views[:3]), 2, 3,
+                                            *(t.contiguous() for t in views[3:]), backend="torch")
+    assert torch.equal(got, want)
+
+
 # ------------------------------------------------------------------------------ input checks
 
 
@@ -153,6 +164,18 @@ def test_bad_inputs_fail_clearly(over, exc, match):
         _call(**over)
 
 
+@requires_triton
+def test_fused_backend_limits_and_strides_fail_clearly():
+    q = torch.randn(1, 4, 4, 2 * 160)
+    with pytest.raises(ValueError, match="head_dim <= 128"):
+        ek.neighborhood_window_attention(q, q, q, 2, 2, backend="triton")
+    q = torch.randn(1, 4, 4, 16)
+    with pytest.raises(ValueError, match="window_size <= 16"):
+        ek.neighborhood_window_attention(q, q, q, 1, 17, backend="triton")
+    with pytest.raises(ValueError, match="unit stride"):
+        ek.neighborhood_window_attention(q, q, torch.randn(1, 4, 4, 32)[..., ::2], 1, 2, backend="triton")
+
+
 def test_global_token_attention_bad_inputs():
     qg, k = torch.randn(1, 1, 8), torch.randn(1, 4, 8)
     with pytest.raises(ValueError, match=r"\(heads, G, N\)"):
@@ -175,6 +198,9 @@ CASES = {  # (B, H, W, heads, head_dim, window, G, neighbor, exact)
     "cyclic": (1, 8, 7, 1, 16, 3, 2, 0, -1),
     "cyclic_neighbor5_2x2_grid": (1, 3, 4, 1, 16, 2, 1, 5, -1),
     "exact_sliding": (1, 7, 5, 2, 16, 3, 1, 0, 1),
+    "g17_two_global_tiles": (1, 4, 5, 1, 16, 2, 17, 0, 0),  # G > 16: a 32-row global-key tile
+    "w5_neighbor7": (1, 11, 7, 1, 16, 5, 1, 7, 0),  # 25 tokens in a 32-row tile
+    "one_row_map_w1": (1, 1, 9, 1, 16, 1, 1, 0, -1),  # 1x1 windows, cyclic
 }
 HALF_CASES = ["vil_w7_pad", "g2_neighbor5", "cyclic"]
 
@@ -197,12 +223,15 @@ def _run(case, dtype, bias=True, backend="triton", device="cpu", cases=CASES):
 
 
 def check(out, ref, got, want, names, dtype):
-    """Output and every gradient within conftest.TOL of the reference; gradients in the inputs' dtypes."""
+    """Output within conftest.TOL of the reference, gradients within TOL (fp32) or 2 x TOL (fp16 / bf16, as the
+    Swin tests: the table and global-bias gradients sum dS over many pairs whose contributions cancel, and
+    delta = rowsum(dO * O) reads the rounded output: up to 2.5e-2 in bf16, 2.8e-3 in fp16 over CASES);
+    gradients in the inputs' dtypes."""
     assert out.dtype == dtype
     assert_close(out, ref, dtype, "out")
     for n, a, e in zip(names, got, want):
         assert a.dtype == (torch.float32 if n in ("dtable", "dglobal_bias") else dtype), n
-        assert_close(a, e, dtype, n)
+        assert_close(a, e, dtype, n, factor=1.0 if dtype == torch.float32 else 2.0)
 
 
 @requires_triton
@@ -215,8 +244,8 @@ def test_fused_fp32(case):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", HALF_CASES)
 def test_fused_half(case, dtype):
-    """Half precision against the fp32 reference on the same rounded inputs, conftest.TOL (P and dS are
-    rounded to the input dtype before the matmuls, as FlashAttention does)."""
+    """Half precision against the fp32 reference on the same rounded inputs, tolerances of :func:`check` (P
+    and dS are rounded to the input dtype before the matmuls, as FlashAttention does)."""
     check(*_run(case, dtype), dtype)
 
 

@@ -11,7 +11,8 @@ failing stage never stops the next:
   tests      tests/gpu in parallel (pytest-xdist when installed), per-test timeout      -> tests.xml
   sanitizer  compute-sanitizer memcheck and racecheck on the small CUDA cases
   bench      python -m benchmarks --headline (window attention fwd / bwd / fwd+bwd at three Swin shapes
-             against the peers, the losses at the Swin-T step shape, one EsViT Swin-T step) -> bench/
+             and ViL-2262 stage 1 against the peers, the losses at the Swin-T step shape, one EsViT
+             Swin-T step) -> bench/
   summary    summary.md: every stage with what happened, the headline table, what was left out, and the
              command that reruns each stage alone
 

@@ -7,8 +7,9 @@ Addressing
     c % 3 - 1), the key tile's rows are computed from (m + dm, n + dn): in-map positions are loaded,
     positions on the virtual zero padding read 0, and the official ``exact`` mask (zero padding, cyclic
     wrap-around, or exact sliding window) is applied per pair inside the kernel. The bias is gathered from
-    the ((4w-1)^2, heads) table by index arithmetic. The G global keys form one extra BG-row tile that
-    opens the online softmax.
+    the ((4w-1)^2, heads) table by index arithmetic. The G global keys form one extra BG-row tile
+    (BG = max(16, next_pow2(G))) that opens the online softmax. The backward kernels skip neighbour windows
+    outside the grid (zero / exact modes); the forward predicates their loads off instead (kernel notes).
 
 Backward (no atomics, deterministic)
     * dQ kernel, one program per query window and head: recomputes P from the saved logsumexp, writes
@@ -39,25 +40,15 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreting
+from ..reference.neighborhood import neighbor_chunks
 from . import aot
 from .aot import launch
 from .window_attention import LOG2E, _dot, _next_pow2
 
-__all__ = ["nwa_forward", "nwa_backward", "chunk_list"]
-
-BG_TILE = 16  # rows of the global-key tile (tl.dot needs >= 16)
+__all__ = ["nwa_forward", "nwa_backward"]
 
 
 # ----------------------------------------------------------------------------------------- helpers
-
-
-def chunk_list(neighbor: int) -> tuple[int, ...]:
-    """Chunks (0..8, 4 = own window) of the official ``mode`` numbering."""
-    if neighbor == 0:
-        return tuple(range(9))
-    if neighbor == -1:
-        return (4,)
-    return (4, neighbor - 1 if neighbor <= 4 else neighbor)
 
 
 @triton.jit
@@ -84,6 +75,16 @@ def _load(ptr, b, r, c, sb, sr, sc, col, ok, d, HD: tl.constexpr):
     """(rows, BD) tile of one head: row t at map position (r[t], c[t]) of image b, 0 where not ok."""
     off = b.to(tl.int64) * sb + r.to(tl.int64) * sr + c.to(tl.int64) * sc + col
     return tl.load(ptr + off[:, None] + d[None, :], mask=ok[:, None] & (d < HD)[None, :], other=0.0)
+
+
+@triton.jit
+def _in_grid(km, kn, MX, MY, EXACT: tl.constexpr):
+    """Whether the neighbour window (km, kn) exists (cyclic mode: always, the grid wraps)."""
+    if EXACT == -1:
+        ok = km == km
+    else:
+        ok = (km >= 0) & (km < MX) & (kn >= 0) & (kn < MY)
+    return ok
 
 
 @triton.jit
@@ -212,6 +213,8 @@ def _nwa_fwd_kernel(
         acc = _dot(pg.to(gv.dtype), gv, DOT_F32, IS_F32)
     for ci in range(NCH):
         dm, dn = _chunk(ci, NCH, CH1)
+        # no skip of chunks outside the grid here (their loads are predicated off): on sm_90 a branch made the
+        # forward 247 registers instead of 168 (3 -> 2 blocks per SM); the backward kernels skip them
         s, ok, k, v = _chunk_logits(q, k_ptr, v_ptr, bias_ptr, b, m, n, h, dm, dn, li, lj, tv, qr, qc, tv, d, H, W,
                                     MX, MY, skb, skr, skc, svb, svr, svc, bst, bsh, scale, HD, WIN, EXACT,
                                     HAS_BIAS, DOT_F32, IS_F32)
@@ -274,13 +277,14 @@ def _nwa_dq_kernel(
         tl.store(dgb_ptr + part, tl.sum(dsg, 0))
     for ci in range(NCH):
         dm, dn = _chunk(ci, NCH, CH1)
-        s, ok, k, v = _chunk_logits(q, k_ptr, v_ptr, bias_ptr, b, m, n, h, dm, dn, li, lj, tv, qr, qc, qin, d, H, W,
-                                    MX, MY, skb, skr, skc, svb, svr, svc, bst, bsh, scale, HD, WIN, EXACT,
-                                    HAS_BIAS, DOT_F32, IS_F32)
-        p = tl.where(ok, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)
-        dp = _dot(do, tl.trans(v), DOT_F32, IS_F32)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, DOT_F32, IS_F32)
+        if _in_grid(m + dm, n + dn, MX, MY, EXACT):  # else every key is masked: skip the chunk
+            s, ok, k, v = _chunk_logits(q, k_ptr, v_ptr, bias_ptr, b, m, n, h, dm, dn, li, lj, tv, qr, qc, qin, d, H, W,
+                                        MX, MY, skb, skr, skc, svb, svr, svc, bst, bsh, scale, HD, WIN, EXACT,
+                                        HAS_BIAS, DOT_F32, IS_F32)
+            p = tl.where(ok, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)
+            dp = _dot(do, tl.trans(v), DOT_F32, IS_F32)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, DOT_F32, IS_F32)
     off = b.to(tl.int64) * sob + qr.to(tl.int64) * sor + qc.to(tl.int64) * soc + h * HD
     tl.store(dq_ptr + off[:, None] + d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
              mask=qin[:, None] & (d < HD)[None, :])
@@ -334,19 +338,20 @@ def _nwa_dkv_kernel(
         qok = (qm >= 0) & (qm < MX) & (qn >= 0) & (qn < MY)
         qm = tl.minimum(tl.maximum(qm, 0), MX - 1)
         qn = tl.minimum(tl.maximum(qn, 0), MY - 1)
-        qr, qc, qin, q, do, lse, delta = _query_side(
-            q_ptr, dout_ptr, lse_ptr, delta_ptr, b, qm, qn, qok, li, lj, tv, H, W, MX, MY,
-            sqb, sqr, sqc, sob, sor, soc, h, d, t, HEADS, HD, WIN, BL)
-        # the keys as the query window sees them (unwrapped: qm + dm may differ from m in cyclic mode)
-        kr, kc, _, _, _, kok = _keys(qm + dm, qn + dn, li, lj, tv, H, W, MX * WIN, MY * WIN, WIN, EXACT)
-        st = _dot(k, tl.trans(q), DOT_F32, IS_F32) * scale
-        st += _bias(bias_ptr, bst, bsh, h, li, lj, tv, dm, dn, WIN, HAS_BIAS, True)
-        ok = _pair_mask(kok, kr, kc, qr, qc, qin, WIN, EXACT, True)
-        pt = tl.where(ok, tl.exp2((st - lse[None, :]) * LOG2E), 0.0)
-        dv += _dot(pt.to(do.dtype), do, DOT_F32, IS_F32)
-        dpt = _dot(v, tl.trans(do), DOT_F32, IS_F32)
-        dst = pt * (dpt - delta[None, :])
-        dk += _dot(dst.to(q.dtype), q, DOT_F32, IS_F32)
+        if qok:  # the query window exists (always, in cyclic mode)
+            qr, qc, qin, q, do, lse, delta = _query_side(
+                q_ptr, dout_ptr, lse_ptr, delta_ptr, b, qm, qn, qok, li, lj, tv, H, W, MX, MY,
+                sqb, sqr, sqc, sob, sor, soc, h, d, t, HEADS, HD, WIN, BL)
+            # the keys as the query window sees them (unwrapped: qm + dm may differ from m in cyclic mode)
+            kr, kc, _, _, _, kok = _keys(qm + dm, qn + dn, li, lj, tv, H, W, MX * WIN, MY * WIN, WIN, EXACT)
+            st = _dot(k, tl.trans(q), DOT_F32, IS_F32) * scale
+            st += _bias(bias_ptr, bst, bsh, h, li, lj, tv, dm, dn, WIN, HAS_BIAS, True)
+            ok = _pair_mask(kok, kr, kc, qr, qc, qin, WIN, EXACT, True)
+            pt = tl.where(ok, tl.exp2((st - lse[None, :]) * LOG2E), 0.0)
+            dv += _dot(pt.to(do.dtype), do, DOT_F32, IS_F32)
+            dpt = _dot(v, tl.trans(do), DOT_F32, IS_F32)
+            dst = pt * (dpt - delta[None, :])
+            dk += _dot(dst.to(q.dtype), q, DOT_F32, IS_F32)
     dmask = kin[:, None] & (d < HD)[None, :]
     off = b.to(tl.int64) * sob + kr0.to(tl.int64) * sor + kc0.to(tl.int64) * soc + h * HD
     tl.store(dk_ptr + off[:, None] + d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=dmask)
@@ -367,20 +372,23 @@ def _nwa_dbias_kernel(
     h = tl.program_id(1)
     ci = tl.program_id(2)
     dm, dn = _chunk(ci, NCH, CH1)
+    t = tl.arange(0, BL)
+    tv = t < WIN * WIN
+    bias = _bias(bias_ptr, bst, bsh, h, t // WIN, t % WIN, tv, dm, dn, WIN, True, False)  # same in every window
     acc = tl.zeros((BL, BL), tl.float32)
     for it in range(0, wins_per_prog):
         wid = tl.minimum(grp * wins_per_prog + it, NWT - 1)  # past the end: a repeat, with all queries masked
         b, m, n, t, d, tv, li, lj, _, _, _ = _query_window(wid, H, W, MX, MY, WIN, BL, BD)
-        qr, qc, qin, q, do, lse, delta = _query_side(
-            q_ptr, dout_ptr, lse_ptr, delta_ptr, b, m, n, grp * wins_per_prog + it < NWT, li, lj, tv, H, W, MX, MY,
-            sqb, sqr, sqc, sob, sor, soc, h, d, t, HEADS, HD, WIN, BL)
-        s, ok, k, v = _chunk_logits(q, k_ptr, v_ptr, bias_ptr, b, m, n, h, dm, dn, li, lj, tv, qr, qc, qin, d, H, W,
-                                    MX, MY, skb, skr, skc, svb, svr, svc, bst, bsh, scale, HD, WIN, EXACT, True,
-                                    DOT_F32, IS_F32)
-        p = tl.where(ok, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)
-        dp = _dot(do, tl.trans(v), DOT_F32, IS_F32)
-        acc += p * (dp - delta[:, None])
-    t = tl.arange(0, BL)
+        if _in_grid(m + dm, n + dn, MX, MY, EXACT):
+            qr, qc, qin, q, do, lse, delta = _query_side(
+                q_ptr, dout_ptr, lse_ptr, delta_ptr, b, m, n, grp * wins_per_prog + it < NWT, li, lj, tv, H, W, MX, MY,
+                sqb, sqr, sqc, sob, sor, soc, h, d, t, HEADS, HD, WIN, BL)
+            s, ok, k, v = _chunk_logits(q, k_ptr, v_ptr, bias_ptr, b, m, n, h, dm, dn, li, lj, tv, qr, qc, qin, d, H, W,
+                                        MX, MY, skb, skr, skc, svb, svr, svc, bst, bsh, scale, HD, WIN, EXACT, False,
+                                        DOT_F32, IS_F32)
+            p = tl.where(ok, tl.exp2((s + bias - lse[:, None]) * LOG2E), 0.0)
+            dp = _dot(do, tl.trans(v), DOT_F32, IS_F32)
+            acc += p * (dp - delta[:, None])
     tl.store(part_ptr + (((grp.to(tl.int64) * HEADS + h) * NCH + ci) * BL + t[:, None]) * BL + t[None, :], acc)
 
 
@@ -398,13 +406,14 @@ def _geometry(q: torch.Tensor, heads: int, window: int, neighbor: int, exact: in
     per SM); fp32's exact dots and head_dim 64 need 8 (at 4 the dK/dV kernel spills 6.8 KB per thread in
     fp32, 192 B in bf16 at head_dim 64)."""
     hd = q.shape[3] // heads
-    chunks = chunk_list(neighbor)
+    chunks = neighbor_chunks(neighbor)
     bd = max(16, _next_pow2(hd))
     return dict(
         HEADS=heads, HD=hd, BD=bd, WIN=window, BL=max(16, _next_pow2(window * window)),
         NCH=len(chunks), CH1=chunks[-1], EXACT=exact, HAS_BIAS=has_bias,
         DOT_F32=triton_interpreting() and q.dtype == torch.bfloat16, IS_F32=q.dtype == torch.float32,
-        num_warps=8 if q.dtype == torch.float32 or bd >= 64 else 4, BG=BG_TILE, HAS_GLOBAL=g > 0, HAS_GBIAS=has_gbias,
+        num_warps=8 if q.dtype == torch.float32 or bd >= 64 else 4, HAS_GLOBAL=g > 0, HAS_GBIAS=has_gbias,
+        BG=max(16, _next_pow2(g)),  # rows of the global-key tile (tl.dot needs >= 16)
     )
 
 
@@ -451,7 +460,7 @@ def _table_gather_index(window: int, neighbor: int, bl: int, device_str: str) ->
     """(T, maxc) flat positions (chunk, i, j) of the (NCH, BL, BL) partial tiles whose pair uses table
     entry T, padded with the index of an appended zero: a deterministic gather-and-sum."""
     w = window
-    chunks = chunk_list(neighbor)
+    chunks = neighbor_chunks(neighbor)
     li = torch.arange(w * w) // w
     lj = torch.arange(w * w) % w
     rels, poss = [], []
@@ -474,9 +483,11 @@ def _table_gather_index(window: int, neighbor: int, bl: int, device_str: str) ->
 
 
 def _groups(nwt: int, heads: int, nch: int, device: torch.device) -> tuple[int, int]:
-    """(groups, windows per group) of the bias-gradient kernel: about 2 waves of programs on a GPU."""
+    """(groups, windows per group) of the bias-gradient kernel: about 8 programs per SM on a GPU (each
+    walks its windows serially; at 2 per SM the ViL-2262 stage-1 backward would walk 820 windows per
+    program; at 8 it is ~200, for a 17 MB fp32 partial buffer)."""
     sms = aot.sm_count(device)
-    target = 2 * sms if sms else 4
+    target = 8 * sms if sms else 4
     groups = max(1, min(nwt, -(-target // (heads * nch))))
     per = -(-nwt // groups)
     return -(-nwt // per), per
@@ -502,7 +513,8 @@ def nwa_backward(dout, q, k, v, gk, gv, table, gbias, out, lse, heads, window, n
     gb = gbias if gbias is not None else dummy
     gb_st = gbias.stride() if gbias is not None else (0, 0)
     delta = torch.empty_like(lse)
-    part_shape = (nwt, heads, BG_TILE)
+    bg = geo["BG"]
+    part_shape = (nwt, heads, bg)
     dgk_p = torch.empty(*part_shape, bd, device=dev, dtype=f32) if g else empty
     dgv_p = torch.empty(*part_shape, bd, device=dev, dtype=f32) if g else empty
     dgb_p = torch.empty(*part_shape, device=dev, dtype=f32) if g else empty
@@ -539,11 +551,11 @@ def nwa_backward(dout, q, k, v, gk, gv, table, gbias, out, lse, heads, window, n
             dgb = torch.zeros(heads, g, device=dev, dtype=f32)
         else:
             # (B, windows, heads, BG, BD) -> sum over the windows in a fixed order -> (B, G, heads * hd)
-            red = dgk_p.view(b, mx * my, heads, BG_TILE, bd).sum(1)[:, :, :g, :hd]
+            red = dgk_p.view(b, mx * my, heads, bg, bd).sum(1)[:, :, :g, :hd]
             dgk = red.permute(0, 2, 1, 3).reshape(b, g, c).to(q.dtype)
-            red = dgv_p.view(b, mx * my, heads, BG_TILE, bd).sum(1)[:, :, :g, :hd]
+            red = dgv_p.view(b, mx * my, heads, bg, bd).sum(1)[:, :, :g, :hd]
             dgv = red.permute(0, 2, 1, 3).reshape(b, g, c).to(q.dtype)
-            dgb = dgb_p.view(nwt, heads, BG_TILE).sum(0)[:, :g].contiguous()
+            dgb = dgb_p.view(nwt, heads, bg).sum(0)[:, :g].contiguous()
         if not need_dgbias:
             dgb = q.new_empty(0, dtype=f32)
     return dq, dk, dv, dgk, dgv, dtable, dgb

@@ -17,7 +17,7 @@ GPU_CASES.update({
     "vil_s1": (2, 56, 56, 3, 32, 7, 1, 0, 0),
     "vil_s1_neighbor3": (2, 56, 56, 3, 32, 7, 1, 3, 0),
     "vil_s2": (2, 28, 28, 6, 32, 7, 1, 0, 0),
-    "vil_s3_neighbor8": (4, 14, 14, 12, 32, 7, 1, 8, 0),
+    "14x14_h12_neighbor8": (4, 14, 14, 12, 32, 7, 1, 8, 0),  # ViL-2262 runs stage 3 as full attention
     "vil_local_s1": (4, 24, 24, 3, 32, 7, 1, 0, 0),  # 96-px crop: 24 = 3.4 windows, padded
     "vil_local_s3": (4, 6, 6, 12, 32, 7, 1, 0, 0),
     "vil_s1_hd64_g2": (2, 56, 56, 2, 64, 7, 2, 0, 0),
