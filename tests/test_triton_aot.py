@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 from esvit_kernels._triton.aot import ARCH_LIMITS  # noqa: E402
 
 FIELDS = {"case", "kernel", "dtype", "arch", "batch", "window", "head_dim", "regs", "spill_bytes", "smem_bytes",
-          "num_warps", "blocks_per_sm", "sass_instructions"}
+          "num_warps", "blocks_per_sm", "sass_instructions", "loop_sass_instructions", "loop_sass_mma"}
 SMALL = ["window_attention/map_w7_shift_pad", "window_attention/map_w14_split", "losses/region_k65536"]
 
 
@@ -62,6 +62,9 @@ def test_records_hold_the_resource_fields(compiled):
     for r in stage1:  # B=128 on 132 SMs: many tiles per program, the pipelined loop is what is compiled
         assert r["batch"] == 128 and r["window"] == 7 and r["head_dim"] == 32 and r["realistic"]
         assert r["grid"][0] < 128 * 64, r["grid"]
+    for r in compiled:  # every attention kernel has a hot loop with its dots in it (the tile or chunk loop)
+        if r["module"] == "window_attention":
+            assert 0 < r["loop_sass_instructions"] < r["sass_instructions"] and r["loop_sass_mma"] > 0, r
 
 
 def test_shared_memory_fits_the_hardware(compiled):

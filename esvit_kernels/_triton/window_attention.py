@@ -902,6 +902,36 @@ def wa_backward(dout, q, k, v, out, lse, bias_table, mask, window, scale, need_d
 # ----------------------------------------------------------------------------------------- AOT cases
 
 
+def launch_counts(rec: aot.Launch) -> aot.LaunchCounts | None:
+    """Bytes at the floor, hot-loop iterations and dot FLOPs of one recorded launch (for ``aot --model``).
+    None for a SAFE pass, which does no work unless the first pass saw a non-finite value."""
+    a = dict(zip(rec.kernel.arg_names, rec.args), **rec.kwargs)
+    if a["SAFE"]:
+        return None
+    heads, hd, n, tile, hd_pad = a["HEADS"], a["HD"], a["N"], a["TILE"], a["HD_PAD"]
+    nw_tot = a["NW_TOT"]
+    tokens = nw_tot * n if a["LAYOUT"] == 0 else nw_tot // a["n_win"] * a["H"] * a["W"]
+    row = tokens * heads * hd * a["q_ptr"].element_size()  # one (tokens, C) tensor: q, k, v, out, dout, ...
+    lse = nw_tot * heads * n * 4
+    programs = math.prod(rec.grid)
+    iters = programs * a["tiles_per_prog"]
+    dbias = a["dbias_part_ptr"].numel() * 4 if a.get("NEED_DBIAS") else 0
+    name = rec.name
+    if name == "_fwd_kernel":  # q, k, v in; out, lse out
+        nbytes, iters, flops = 4 * row + lse, iters * (tile // a["BK"]), 4 * a["BM"] * a["BK"] * hd_pad
+    elif name == "_bwd_fused_kernel":  # q, k, v, out, dout, lse in; dq, dk, dv, dbias partial sums out
+        nbytes, flops = 8 * row + lse + dbias, 10 * tile * tile * hd_pad
+    elif name == "_bwd_dq_kernel":  # q, k, v, out, dout, lse in; dq, delta, dbias partial sums out
+        nbytes, iters, flops = 6 * row + 2 * lse + dbias, iters * (tile // a["BK"]), 6 * a["BM"] * a["BK"] * hd_pad
+    elif name == "_bwd_dkv_kernel":  # q, k, v, dout, lse, delta in; dk, dv out
+        nbytes, iters, flops = 6 * row + 2 * lse, iters * (tile // a["BQ"]), 8 * a["BN"] * a["BQ"] * hd_pad
+    else:
+        return None
+    return aot.LaunchCounts(bytes=nbytes, loop_iterations=iters, programs=programs, flops=iters * flops,
+                            tensor_cores=not a["IS_F32"])
+
+
+
 def _aot_map_case(b, h, w, heads, hd, ws, ss, rbp=False, pad=True, alloc=torch.randn):
     def run(dtype):
         c = heads * hd
@@ -963,7 +993,8 @@ def aot_cases() -> dict:
                     out[name] = AotCase(_aot_map_case(b, h, w, heads, hd, (ws, ws), (ss, ss), pad=False,
                                                       alloc=torch.empty),
                                         batch, ws, hd, realistic=True,
-                                        ci=batch == 128 and (model, stage, window) in ci_stages)
+                                        ci=batch == 128 and (model, stage, window) in ci_stages,
+                                        model=batch == 128)
     for hd in (16, 64, 128):
         for window in (7, 14):
             for stage in (1, 3):
