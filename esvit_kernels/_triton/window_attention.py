@@ -314,16 +314,18 @@ def _bias_block(
     if HAS_BIAS:
         gr = rr // N
         gc = rc // N
+        # rel(q, k) = (rq - rk + WH - 1) (2 WW - 1) + cq - ck + WW - 1 = a(q) - a(k) + a0 with
+        # a(n) = (n // WW) (2 WW - 1) + n % WW: per row and per column, so a pair costs one subtraction
+        nr = rr - gr * N
+        nc = rc - gc * N
+        ar = ((nr // WW) * (2 * WW - 1) + nr % WW) * bias_st
+        ac = ((nc // WW) * (2 * WW - 1) + nc % WW) * bias_st
         if ROWS_ARE_KEYS:
-            nq = (rc - gc * N)[None, :]
-            nk = (rr - gr * N)[:, None]
+            off = ac[None, :] - ar[:, None]
         else:
-            nq = (rr - gr * N)[:, None]
-            nk = (rc - gc * N)[None, :]
-        rq = nq // WW
-        rk = nk // WW
-        idx = (rq - rk + (WH - 1)) * (2 * WW - 1) + (nq - rq * WW) - (nk - rk * WW) + (WW - 1)
-        b = tl.load(bias_ptr + idx * bias_st + h * bias_sh, mask=gr[:, None] == gc[None, :], other=0.0)
+            off = ar[:, None] - ac[None, :]
+        base = bias_ptr + h * bias_sh + ((WH - 1) * (2 * WW - 1) + WW - 1) * bias_st
+        b = tl.load(base + off, mask=gr[:, None] == gc[None, :], other=0.0)
         b = b.to(tl.float32) * LOG2E  # the kernels work on log2-scaled logits (see _scores)
     else:
         b = 0.0
@@ -344,7 +346,7 @@ def _scores(
     if HAS_MASK:
         s += tl.load(mask_ptr + m_r[:, None] + m_c[None, :], mask=same, other=0.0).to(tl.float32) * LOG2E
     if LAYOUT == 1 and (SH > 0 or SW > 0):
-        s += tl.where(lab_r[:, None] != lab_c[None, :], -100.0 * LOG2E, 0.0)
+        s = tl.where(lab_r[:, None] != lab_c[None, :], s - 100.0 * LOG2E, s)
     return tl.where(same, s, float("-inf"))
 
 
@@ -760,25 +762,41 @@ def tile_config(window: tuple[int, int], head_dim: int, dtype: torch.dtype = tor
     small = tile if fused else 16
     # walk keys / queries in 4 chunks where a whole tile does not fit registers and shared memory: large
     # tiles in fp32 or at head_dim > 64, and fp32 at head_dim > 32 (whole 64-row fp32 tiles at head_dim 128
-    # spill up to 4 KB per thread in the backward; in chunks of 16: <= 8 B). Large half-precision tiles at
-    # head_dim <= 64 stay whole: on an H200 the kernels cost ~4 us per loop iteration whatever its size, and
-    # chunks of 64 keys against 16-row query blocks made Swin-B W14 4x more iterations (7.8 ms forward).
+    # spill up to 4 KB per thread in the backward; in chunks of 16: <= 8 B).
     fp32 = dtype == torch.float32
+    whole64 = tile <= 64 and not fp32  # the forward takes the whole 64-row tile as one query block
     chunked = (tile >= 128 and (fp32 or hd_pad >= 128)) or (fp32 and hd_pad >= 64)
     chunk = tile // 4 if chunked else tile
+    # large half-precision tiles at head_dim <= 64 (Swin W12/W14), chosen from the bytes: a 16-row query
+    # block re-reads the whole K/V tile (16 x per tile) and, being less than one warpgroup's M = 64, is
+    # computed by every warp alike (the logits of chained dots are laid out along M). The forward and dK/dV
+    # take 64-row blocks (one warpgroup, 4 warps) against 4 chunks of TILE / 4 keys (queries): 4 x per tile,
+    # no duplicated warps. dQ keeps 16-row blocks against the whole tile: its per-program dbias sums
+    # (BM x TILE fp32) at 64 rows need 128 registers per thread and spill.
+    big_half = tile >= 128 and not fp32 and hd_pad <= 64
     return {
         "N": n, "G": g, "TILE": tile, "FUSED": fused,
-        "BM_FWD": tile if tile <= 64 and dtype != torch.float32 else 16,
-        "BM_BWD": small, "BN_BWD": small,
-        "BK_FWD": chunk, "BK_BWD": chunk, "BQ_BWD": chunk,
+        "BM_FWD": tile if whole64 else 64 if big_half else 16,
+        "BM_BWD": small, "BN_BWD": 64 if big_half else small,
+        "BK_FWD": tile // 4 if big_half else chunk, "BK_BWD": chunk, "BQ_BWD": tile // 4 if big_half else chunk,
         "PRE_BIAS": tile <= 64 and not chunked,  # the bias block of the whole tile, kept in registers
         "HD_PAD": hd_pad,
-        "WARPS": 8,
-        "WARPS_BWD": 8,
-        # software pipelining depth: the fused backward is compute-heavy per tile, so it gets 1 stage
-        # (no spills, 17 KB shared on sm_90); the others get 2
-        "STAGES": 2,
+        # a whole 64-row half-precision tile is one warpgroup's MMA (M = 64): 4 warps. With 8, Triton lays
+        # the logits of chained dots out along M over both warpgroups (warpsPerCTA [8, 1]), so both compute
+        # the same 64 x 64 block: twice the softmax work and registers (issue 14; static, sm_90, Swin-T
+        # stage 1: 4 warps = 620 / 733 loop instructions per warp, 145 / 254 registers, 3 / 2 programs per
+        # SM for the forward / fused backward, against 586 / 638 per warp x 8 warps, 1 program for the
+        # backward at 8). Other tiles keep 8 warps.
+        "WARPS": 4 if whole64 or big_half else 8,
+        "WARPS_BWD": 4 if fused else 8,  # dQ and the fused backward
+        "WARPS_DKV": 4 if big_half else 8,
+        # software pipelining depth: 2 (the next tile's loads in flight), but 1 for the fused backward
+        # (at 4 warps and 2 stages it needs 255 registers and spills 40 B at Swin-T stage 1, 64 B with a
+        # mask; at 1 stage 254 registers, no spills) and for the 64-row blocks of large tiles (2 stages
+        # spill 40-336 B there)
+        "STAGES": 1 if big_half else 2,
         "STAGES_BWD": 1 if fused else 2,
+        "STAGES_DKV": 1 if big_half else 2,
     }
 
 
@@ -786,7 +804,7 @@ def launch_candidates(cfg: dict, kernel: str) -> list[dict]:
     """Launch options of one kernel (``fwd``, ``fused``, ``dq``, ``dkv``) in order of preference: the
     configuration of :func:`tile_config`, then one pipeline stage (K/V not double-buffered).
     :func:`.aot.launch` runs the first whose shared memory fits the device."""
-    stages = cfg["STAGES"] if kernel == "fwd" else cfg["STAGES_BWD"]
+    stages = {"fwd": cfg["STAGES"], "dkv": cfg["STAGES_DKV"]}.get(kernel, cfg["STAGES_BWD"])
     chunk = {"fwd": {"BK": cfg["BK_FWD"]}, "dq": {"BK": cfg["BK_BWD"]}, "dkv": {"BQ": cfg["BQ_BWD"]}}.get(kernel, {})
     out = [{"num_stages": stages, **chunk}]
     if stages > 1:
@@ -950,7 +968,8 @@ def _backward(pb: _Problem, out, dout, lse, dq, dk, dv, need_dbias: bool, need_d
         _launch_passes(_bwd_dq_kernel, (pb.heads, chunks, nq), (*pb.ptrs(), out, dout, lse, delta, dq, dbias_part),
                        pb, tpp, launch_candidates(cfg, "dq"), BM=cfg["BM_BWD"], NEED_DBIAS=need_dbias, **consts)
         _launch_passes(_bwd_dkv_kernel, (pb.heads, chunks, nk), (*pb.ptrs(), dout, lse, delta, dk, dv, dpad_part),
-                       pb, tpp, launch_candidates(cfg, "dkv"), BN=cfg["BN_BWD"], NEED_DPAD=need_dpad, **consts)
+                       pb, tpp, launch_candidates(cfg, "dkv"), BN=cfg["BN_BWD"], NEED_DPAD=need_dpad,
+                       **dict(consts, num_warps=cfg["WARPS_DKV"]))
     dbias = _reduce_dbias(dbias_part, pb.window, cfg["G"], tile) if need_dbias else lse.new_empty(0)
     dpad = (dpad_part.view(chunks, pb.heads, nk, 2, cfg["HD_PAD"]).sum((0, 2))[..., :pb.hd]
             if need_dpad else None)
