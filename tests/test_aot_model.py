@@ -101,6 +101,7 @@ def test_launch_counts_of_the_swin_t_stage1_forward():
     c = wa.launch_counts(fwd)
     tokens = 128 * 56 * 56
     assert c.bytes == 4 * tokens * 96 * 2 + 128 * 64 * 3 * 49 * 4
-    tiles = dict(zip(fwd.kernel.arg_names, fwd.args))["tiles_per_prog"]
-    assert fwd.grid[0] == 3 and c.programs == 3 * fwd.grid[1] and c.loop_iterations == c.programs * tiles >= 128 * 64 * 3
+    # grid (heads, chunks, query blocks): every (head, block) walks the 128 x 64 windows (tiles) once
+    assert fwd.grid[0] == 3 and fwd.grid[2] == 1 and c.programs == 3 * fwd.grid[1]
+    assert c.loop_iterations == 3 * 128 * 64
     assert c.flops == c.loop_iterations * 4 * 64 * 64 * 32

@@ -14,9 +14,15 @@ Tiling
     small windows, with a block-diagonal mask so windows do not see each other) against all TILE keys.
     N = 49 -> TILE 64; N = 144/196 -> TILE 256 with the queries split into blocks of BM rows. Where a whole
     tile does not fit registers and shared memory (large tiles in fp32 or at head_dim 128, fp32 at head_dim
-    > 32) the keys (forward, dQ) or queries (dK/dV) are walked in 4 chunks: an online softmax in the
-    forward, 4 rotating dbias accumulators in dQ. Each launch takes the first of its candidate
-    configurations whose shared memory fits the device (:func:`launch_candidates`, :func:`.aot.launch`).
+    > 32, and the 64-row blocks of large half-precision tiles) the keys (forward, dQ) or queries (dK/dV) are
+    walked in 4 chunks: an online softmax in the forward, 4 rotating dbias accumulators in dQ. Each launch
+    takes the first of its candidate configurations whose shared memory fits the device
+    (:func:`launch_candidates`, :func:`.aot.launch`).
+    Inside the tile loops nothing divides by a runtime size: with one window per tile the program splits
+    its first tile's window into (image, window row, window column) once and steps it per tile; a row's
+    place in the map is then constexpr arithmetic and a conditional subtract for the roll, in int32
+    offsets inside one sample plus the sample's int64 base (per-tile scalar). Heads are the fast grid
+    axis, so the heads of a tile run together and share its qkv rows in L2.
 
 Non-finite values and masked rows
     Pairs of different windows are *selected* to -inf (NaN + a large negative number would stay NaN). A
@@ -738,10 +744,12 @@ def tile_config(window: tuple[int, int], head_dim: int, dtype: torch.dtype = tor
     Resources were read statically from cubins compiled for sm_90 at realistic launch shapes (B=128 on a
     132-SM grid, ``python -m esvit_kernels._triton.aot``; docs/kernel_notes.md has the tables):
 
-    * TILE 64 (windows up to 8x8): the whole tile in one block, several small windows packed per tile.
-    * TILE >= 128 (windows 9x9 to 16x16) in fp16/bf16 at head_dim <= 64: the whole tile, 16-row query
-      blocks (177-252 registers, 59-97 KB of shared memory, one block per SM, no spills); head dims below
-      32 are padded to 32 (at 16 the compiler spills 3-4 KB per thread in the backward).
+    * TILE 64 (windows up to 8x8): the whole tile in one block, several small windows packed per tile; in
+      half precision on 4 warps (one warpgroup), 2-3 programs per SM.
+    * TILE >= 128 (windows 9x9 to 16x16) in fp16/bf16 at head_dim <= 64: the forward and dK/dV take 64-row
+      blocks (4 warps) against 4 chunks of TILE // 4 keys (queries); dQ takes 16-row query blocks against
+      the whole tile (8 warps); head dims below 32 are padded to 32 (at 16 the compiler spills 3-4 KB per
+      thread in the backward).
     * TILE >= 128 in fp32 or at head_dim 128, and fp32 at head_dim > 32: the keys (forward, dQ) and queries
       (dK/dV) are walked in 4 chunks of TILE // 4. Whole, these tiles spill (72 B at head_dim 128 in bf16,
       up to 4 KB in fp32) and, double-buffered at head_dim 128 in fp32, need ~300 KB, more than a Hopper
@@ -958,7 +966,12 @@ def _backward(pb: _Problem, out, dout, lse, dq, dk, dv, need_dbias: bool, need_d
     tile = cfg["TILE"]
     dbias_part = torch.empty(chunks, pb.heads, tile, tile, device=dev, dtype=f32) if need_dbias else lse
     dpad_part = torch.empty(chunks * pb.heads * nk, 2, cfg["HD_PAD"], device=dev, dtype=f32) if need_dpad else lse
-    consts = pb.consts(NEED_DPAD=need_dpad, num_warps=cfg["WARPS_BWD"])
+    warps = cfg["WARPS_BWD"]
+    if cfg["FUSED"] and (pb.pad is not None or pb.mask is not None):
+        # a padding vector or a user mask adds live values: at 4 warps the fused backward spills 32-72 B
+        # (static, sm_90, several tiles per program), at 8 it does not
+        warps = 8
+    consts = pb.consts(NEED_DPAD=need_dpad, num_warps=warps)
     if cfg["FUSED"]:
         _launch_passes(_bwd_fused_kernel, (pb.heads, chunks), (*pb.ptrs(), out, dout, lse, dq, dk, dv, dbias_part,
                        dpad_part), pb, tpp, launch_candidates(cfg, "fused"), NEED_DBIAS=need_dbias, **consts)
@@ -1082,8 +1095,8 @@ def launch_counts(rec: aot.Launch) -> aot.LaunchCounts | None:
     tokens = nw_tot * n if a["LAYOUT"] == 0 else nw_tot // a["n_win"] * a["H"] * a["W"]
     row = tokens * heads * hd * a["q_ptr"].element_size()  # one (tokens, C) tensor: q, k, v, out, dout, ...
     lse = nw_tot * heads * n * 4
-    programs = math.prod(rec.grid)
-    iters = programs * a["tiles_per_prog"]
+    programs = math.prod(rec.grid)  # grid (heads, chunks, blocks): each (head, block) walks every tile once
+    iters = programs // rec.grid[1] * -(-nw_tot // a["G"])
     dbias = a["dbias_part_ptr"].numel() * 4 if a.get("NEED_DBIAS") else 0
     name = rec.name
     if name == "_fwd_kernel":  # q, k, v in; out, lse out
