@@ -62,9 +62,10 @@ def test_records_hold_the_resource_fields(compiled):
     for r in stage1:  # B=128 on 132 SMs: many tiles per program, the pipelined loop is what is compiled
         assert r["batch"] == 128 and r["window"] == 7 and r["head_dim"] == 32 and r["realistic"]
         assert r["grid"][0] == 3 and r["grid"][1] < 128 * 64, r["grid"]  # (heads, chunks)
-    for r in compiled:  # realistic launches walk many tiles: a hot loop with the dots in it (tile or chunk loop)
-        if r["module"] == "window_attention" and r["realistic"]:
-            assert 0 < r["loop_sass_instructions"] < r["sass_instructions"] and r["loop_sass_mma"] > 0, r
+    for r in compiled:  # realistic launches walk many tiles: a hot loop (tile or chunk loop) with the dots in it,
+        if r["module"] == "window_attention" and r["realistic"]:  # MMAs in half precision (fp32: FMA dots)
+            assert 0 < r["loop_sass_instructions"] < r["sass_instructions"], r
+            assert (r["loop_sass_mma"] > 0) == (r["dtype"] != "float32"), r
 
 
 def test_shared_memory_fits_the_hardware(compiled):

@@ -109,3 +109,13 @@ def test_strided_pad_vector_is_read_correctly():
     want = torch.autograd.grad(ref, base_ref, g)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got[1::2].abs().max() == 0 and got[::2].abs().max() > 0
+
+
+def test_offsets_inside_a_sample_must_fit_int32():
+    """The kernels add int32 offsets inside one sample to the sample's int64 base: a batch may be huge, one
+    sample may not reach 2^31 elements (meta tensors: nothing is allocated)."""
+    wa._check_offsets(torch.empty(4096, 56, 56, 288, device="meta"))  # 3.7e9 elements in all: fine
+    with pytest.raises(ValueError, match="int32 offsets"):
+        wa._check_offsets(torch.empty(2, 4096, 4096, 288, device="meta"))
+    with pytest.raises(ValueError, match="int32 offsets"):  # strides count, not only sizes
+        wa._check_offsets(torch.empty(2, 64, 64, 3 * 2**20, device="meta")[..., :3])
