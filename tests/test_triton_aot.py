@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 from esvit_kernels._triton.aot import ARCH_LIMITS  # noqa: E402
 
 FIELDS = {"case", "kernel", "dtype", "arch", "batch", "window", "head_dim", "regs", "spill_bytes", "smem_bytes",
-          "num_warps", "blocks_per_sm", "sass_instructions"}
+          "num_warps", "blocks_per_sm", "sass_instructions", "loop_sass_instructions", "loop_sass_mma"}
 SMALL = ["window_attention/map_w7_shift_pad", "window_attention/map_w14_split", "losses/region_k65536"]
 
 
@@ -61,7 +61,11 @@ def test_records_hold_the_resource_fields(compiled):
     assert {r["kernel"] for r in stage1} == {"_fwd_kernel", "_bwd_fused_kernel"}
     for r in stage1:  # B=128 on 132 SMs: many tiles per program, the pipelined loop is what is compiled
         assert r["batch"] == 128 and r["window"] == 7 and r["head_dim"] == 32 and r["realistic"]
-        assert r["grid"][0] < 128 * 64, r["grid"]
+        assert r["grid"][0] == 3 and r["grid"][1] < 128 * 64, r["grid"]  # (heads, chunks)
+    for r in compiled:  # realistic launches walk many tiles: a hot loop (tile or chunk loop) with the dots in it,
+        if r["module"] == "window_attention" and r["realistic"]:  # MMAs in half precision (fp32: FMA dots)
+            assert 0 < r["loop_sass_instructions"] < r["sass_instructions"], r
+            assert (r["loop_sass_mma"] > 0) == (r["dtype"] != "float32"), r
 
 
 def test_shared_memory_fits_the_hardware(compiled):

@@ -26,7 +26,11 @@ WIDE = {
 
 def test_tile_config_chunks_large_windows():
     assert wa.tile_config((7, 7), 32, torch.bfloat16)["BK_FWD"] == 64  # TILE 64: one block
-    assert wa.tile_config((14, 14), 32, torch.bfloat16)["BK_FWD"] == 256  # TILE 256, hd <= 64: whole tile
+    # TILE 256 in half precision at hd <= 64: 64-row query (key) blocks against 4 chunks of 64 keys (queries)
+    # in the forward and dK/dV; dQ keeps 16-row blocks against the whole tile
+    w14 = wa.tile_config((14, 14), 32, torch.bfloat16)
+    assert (w14["BM_FWD"], w14["BK_FWD"], w14["BN_BWD"], w14["BQ_BWD"]) == (64, 64, 64, 64)
+    assert (w14["BM_BWD"], w14["BK_BWD"]) == (16, 256)
     assert wa.tile_config((14, 14), 128, torch.bfloat16)["BK_FWD"] == 64  # TILE 256, hd 128: 4 chunks of 64
     assert wa.tile_config((14, 14), 64, torch.float32)["BQ_BWD"] == 64
     assert wa.tile_config((9, 9), 64, torch.float32)["BK_BWD"] == 32  # TILE 128
@@ -51,6 +55,9 @@ def test_launch_candidates_fall_back_to_one_stage_and_keep_the_chunks():
     assert wa.launch_candidates(cfg, "dkv") == [{"num_stages": 2, "BQ": 64}, {"num_stages": 1, "BQ": 64}]
     fused = wa.tile_config((7, 7), 32, torch.bfloat16)
     assert fused["FUSED"] and wa.launch_candidates(fused, "fused") == [{"num_stages": 1}]
+    w14 = wa.tile_config((14, 14), 32, torch.bfloat16)  # 64-row blocks of large tiles: one stage
+    assert wa.launch_candidates(w14, "fwd") == [{"num_stages": 1, "BK": 64}]
+    assert wa.launch_candidates(w14, "dkv") == [{"num_stages": 1, "BQ": 64}]
 
 
 @requires_triton
@@ -102,3 +109,13 @@ def test_strided_pad_vector_is_read_correctly():
     want = torch.autograd.grad(ref, base_ref, g)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got[1::2].abs().max() == 0 and got[::2].abs().max() > 0
+
+
+def test_offsets_inside_a_sample_must_fit_int32():
+    """The kernels add int32 offsets inside one sample to the sample's int64 base: a batch may be huge, one
+    sample may not reach 2^31 elements (meta tensors: nothing is allocated)."""
+    wa._check_offsets(torch.empty(4096, 56, 56, 288, device="meta"))  # 3.7e9 elements in all: fine
+    with pytest.raises(ValueError, match="int32 offsets"):
+        wa._check_offsets(torch.empty(2, 4096, 4096, 288, device="meta"))
+    with pytest.raises(ValueError, match="int32 offsets"):  # strides count, not only sizes
+        wa._check_offsets(torch.empty(2, 64, 64, 3 * 2**20, device="meta")[..., :3])

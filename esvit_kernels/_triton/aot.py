@@ -21,6 +21,7 @@ import functools
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ import triton
 from ..backends import triton_interpreting
 
 __all__ = ["launch", "capture", "compile_launch", "resource_usage", "occupancy", "sm_count", "Launch",
-           "AotCase", "ARCH_LIMITS", "SharedMemoryError"]
+           "AotCase", "ARCH_LIMITS", "SharedMemoryError", "SassLoop", "sass_loops", "hot_loop", "Machine",
+           "LaunchCounts", "predict"]
 
 
 class SharedMemoryError(RuntimeError):
@@ -216,7 +218,83 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-_SASS_LINE = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(\S.*?)\s*;", re.M)
+_SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(\S.*?)\s*;", re.M)
+_MMA_OPS = ("HMMA", "HGMMA", "IMMA")
+
+
+def _opcode(text: str) -> str:
+    """The opcode of one SASS instruction's text, without its predicate (``@!P0 BRA 0x10`` -> ``BRA``)."""
+    words = text.split()
+    return words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
+
+
+@dataclass(frozen=True)
+class SassLoop:
+    """A loop of the SASS: the instructions from the head (a backward branch's target) to that branch.
+    ``called`` is the length of the subroutines its CALLs reach (straight-line, head to first RET: e.g.
+    the 64-bit division helper), so ``instructions + called`` approximates what one iteration issues."""
+
+    head: int  # byte address of the first instruction
+    branch: int  # byte address of the backward branch
+    instructions: int
+    mma: int
+    calls: int
+    called: int
+
+    @property
+    def issued(self) -> int:
+        return self.instructions + self.called
+
+
+def _sass_instructions(sass: str) -> list[tuple[int, str]]:
+    """(address, text) of each instruction of the first function in cuobjdump ``-sass`` output."""
+    funcs = re.split(r"^\s*Function\s*:.*$", sass, flags=re.M)
+    body = funcs[1] if len(funcs) > 1 else funcs[0]
+    return [(int(a, 16), t) for a, t in _SASS_LINE.findall(body)]
+
+
+def sass_loops(sass: str) -> list[SassLoop]:
+    """Every loop of the first function in cuobjdump ``-sass`` text: a branch (``BRA``) to a lower address
+    closes a loop whose body runs from the target to the branch; branches to one head are merged (the
+    furthest closes it). A branch to itself (the trap after EXIT) is not a loop."""
+    ins = _sass_instructions(sass)
+    heads: dict[int, int] = {}
+    for addr, text in ins:
+        if _opcode(text).split(".")[0] != "BRA":
+            continue
+        targets = re.findall(r"0x([0-9a-f]+)", text)
+        if targets and int(targets[-1], 16) < addr:
+            head = int(targets[-1], 16)
+            heads[head] = max(heads.get(head, addr), addr)
+    rets = [a for a, t in ins if _opcode(t).split(".")[0] == "RET"]
+
+    def callee_length(target: int) -> int:
+        end = next((r for r in rets if r >= target), None)
+        return 0 if end is None else sum(target <= a <= end for a, _ in ins)
+
+    loops = []
+    for head, branch in sorted(heads.items()):
+        body = [t for a, t in ins if head <= a <= branch]
+        calls = [t for t in body if _opcode(t).split(".")[0] == "CALL"]
+        called = sum(callee_length(int(re.findall(r"0x([0-9a-f]+)", t)[-1], 16)) for t in calls
+                     if re.findall(r"0x([0-9a-f]+)", t))
+        loops.append(SassLoop(head, branch, len(body), sum(_opcode(t).startswith(_MMA_OPS) for t in body),
+                              len(calls), called))
+    return loops
+
+
+def hot_loop(sass: str) -> SassLoop | None:
+    """The hot (tile) loop of a kernel's SASS. Rule: among the *innermost* loops (whose body holds no other
+    loop), those with a matrix-multiply instruction (HMMA/HGMMA/IMMA); of these the one with the most
+    instructions; with no MMA in any innermost loop, the largest innermost loop; None without loops. In
+    the attention kernels that is the tile loop, or the key/query chunk loop inside it where the tile is
+    walked in chunks (the loop the dots run in)."""
+    loops = sass_loops(sass)
+    inner = [lp for lp in loops
+             if not any(o is not lp and lp.head <= o.head and o.branch <= lp.branch for o in loops)]
+    with_mma = [lp for lp in inner if lp.mma]
+    pool = with_mma or inner
+    return max(pool, key=lambda lp: (lp.instructions, -lp.head)) if pool else None
 
 
 def resource_usage(compiled) -> dict:
@@ -229,7 +307,8 @@ def resource_usage(compiled) -> dict:
         sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
                               check=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res))
-    instructions = [m for m in _SASS_LINE.findall(sass)]
+    instructions = [t for _, t in _SASS_LINE.findall(sass)]
+    loop = hot_loop(sass)
     return {
         "registers": int(fields["REG"]),
         "local_bytes": int(fields["LOCAL"]),
@@ -238,7 +317,13 @@ def resource_usage(compiled) -> dict:
         "dynamic_shared_bytes": int(compiled.metadata.shared),
         "num_warps": int(compiled.metadata.num_warps),
         "sass_instructions": len(instructions),
-        "sass_mma": sum(i.split()[0].startswith(("HMMA", "HGMMA", "IMMA")) for i in instructions),
+        "sass_mma": sum(_opcode(i).startswith(_MMA_OPS) for i in instructions),
+        # the hot loop (:func:`hot_loop`): static instructions head..backward branch, its MMAs, its CALLs
+        # and what those reach (one iteration issues about loop_sass_instructions + loop_sass_called)
+        "loop_sass_instructions": loop.instructions if loop else 0,
+        "loop_sass_mma": loop.mma if loop else 0,
+        "loop_sass_calls": loop.calls if loop else 0,
+        "loop_sass_called": loop.called if loop else 0,
     }
 
 
@@ -263,9 +348,61 @@ class AotCase:
     head_dim: int | None = None
     realistic: bool = False  # sized like a real Swin layer on a 132-SM grid (many tiles per program)
     ci: bool = True  # part of the CI check (tests/test_triton_aot.py)
+    model: bool = False  # one of the shapes of the ``--model`` view (Swin-T/S/B stages)
 
 
 REALISTIC_SM_COUNT = 132  # H100 SXM / H200
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the ``--model`` view divides by. Defaults: an H200 as measured by the first ``make gpu-check``
+    (device-to-device copy 4.25 TB/s counting read + write, bf16 matmul 802 TFLOP/s), its 132 SMs with 4
+    warp schedulers each issuing one instruction per cycle, the 1.98 GHz boost clock, and the H100/H200
+    datasheet's 67 TFLOP/s of fp32 FMA (fp32 dots run as exact FMA dots, not on the tensor cores)."""
+
+    sms: int = REALISTIC_SM_COUNT
+    schedulers: int = 4
+    clock_hz: float = 1.98e9
+    copy_bytes_per_s: float = 4.25e12
+    mma_flops_per_s: float = 802e12
+    fma_flops_per_s: float = 67e12
+
+
+@dataclass(frozen=True)
+class LaunchCounts:
+    """What one launch does, from its arguments (a kernel module's ``launch_counts``): DRAM bytes at the
+    floor (each input read once, each output written once), hot-loop iterations over all its programs,
+    and the FLOPs its dots execute (padded shapes, as the MMA units run them)."""
+
+    bytes: int
+    loop_iterations: int
+    programs: int
+    flops: int
+    tensor_cores: bool = True  # False: fp32 exact dots (FMA)
+
+
+def predict(counts: LaunchCounts, num_warps: int, loop_issued: int, other_instructions: int,
+            machine: Machine = Machine()) -> dict:
+    """Predicted time of a launch as the largest of three bounds, in seconds, and which one binds:
+
+    * ``bytes``: ``counts.bytes`` over the copy bandwidth;
+    * ``issue``: warp instructions over ``sms x schedulers x clock`` (one instruction per scheduler per
+      cycle), where a program's warps each issue ``loop_issued`` per hot-loop iteration plus
+      ``other_instructions`` once (the code outside the loop, counted as run once);
+    * ``mma``: the dots' FLOPs over the matmul (or, for fp32 exact dots, FMA) peak.
+
+    A lower bound with perfect overlap and no latency: a kernel that waits on its loads (one resident
+    program per SM) runs slower than all three."""
+    warp_instr = num_warps * (counts.loop_iterations * loop_issued + counts.programs * other_instructions)
+    bounds = {
+        "bytes": counts.bytes / machine.copy_bytes_per_s,
+        "issue": warp_instr / (machine.sms * machine.schedulers * machine.clock_hz),
+        "mma": counts.flops / (machine.mma_flops_per_s if counts.tensor_cores else machine.fma_flops_per_s),
+    }
+    bound = max(bounds, key=bounds.get)
+    return {"t_bytes_s": bounds["bytes"], "t_issue_s": bounds["issue"], "t_mma_s": bounds["mma"],
+            "predicted_s": bounds[bound], "bound": bound, "warp_instructions": warp_instr}
 
 
 def cases() -> dict[str, AotCase]:
@@ -276,15 +413,26 @@ def cases() -> dict[str, AotCase]:
             for mod in (window_attention, losses, neighborhood) for label, c in mod.aot_cases().items()}
 
 
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _selected(label: str, names: Sequence[str] | None) -> bool:
+    """A case is selected by its full "module/case" label or by the case name alone."""
+    return not names or label in names or label.split("/", 1)[1] in names
+
+
 def report(arch: int = 90, names: list[str] | None = None, dtypes: Sequence[str] = ("bfloat16", "float32"),
            ci_only: bool = False, log: Callable[[str], None] | None = None,
-           smem_limit: int | None = None) -> list[dict]:
-    """Compile every kernel variant of the selected cases for ``sm_<arch>``; one record per launch."""
+           smem_limit: int | None = None, machine: Machine | None = None, model_only: bool = False) -> list[dict]:
+    """Compile every kernel variant of the selected cases for ``sm_<arch>``; one record per launch. With
+    ``machine``, records whose kernel module has ``launch_counts`` get the predicted time (:func:`predict`);
+    ``model_only`` keeps the cases marked ``model``."""
     rows = []
     for label, case in cases().items():
-        if (names and label not in names) or (ci_only and not case.ci):
+        if not _selected(label, names) or (ci_only and not case.ci) or (model_only and not case.model):
             continue
         for dtype in dtypes:
+            dtype = _DTYPES.get(dtype, dtype)
             sms = REALISTIC_SM_COUNT if case.realistic else None
             with capture(arch=arch, sm_count=sms, smem_limit=smem_limit) as launches:
                 case.run(getattr(torch, dtype))
@@ -301,7 +449,17 @@ def report(arch: int = 90, names: list[str] | None = None, dtypes: Sequence[str]
                     "smem_limit": smem_limit or ARCH_LIMITS[arch].smem_per_block, "num_warps": u["num_warps"],
                     "blocks_per_sm": occupancy(u["registers"], smem, u["num_warps"], arch),
                     "sass_instructions": u["sass_instructions"], "sass_mma": u["sass_mma"],
+                    **{k: u[k] for k in ("loop_sass_instructions", "loop_sass_mma", "loop_sass_calls",
+                                         "loop_sass_called")},
                 }
+                counts_fn = getattr(sys.modules.get(getattr(getattr(rec.kernel, "fn", rec.kernel), "__module__", "")),
+                                    "launch_counts", None)
+                counts = counts_fn(rec) if machine is not None and counts_fn else None
+                if counts is not None:
+                    issued = u["loop_sass_instructions"] + u["loop_sass_called"]
+                    row.update(bytes=counts.bytes, loop_iterations=counts.loop_iterations, flops=counts.flops,
+                               **predict(counts, u["num_warps"], issued,
+                                         u["sass_instructions"] - u["loop_sass_instructions"], machine))
                 rows.append(row)
                 if log:
                     log(_fmt(row))
@@ -309,12 +467,38 @@ def report(arch: int = 90, names: list[str] | None = None, dtypes: Sequence[str]
 
 
 _HEADER = ("arch   case                              kernel             dtype     regs spill   smem  warps "
-           "blk/SM  sass")
+           "blk/SM  sass  loop")
 
 
 def _fmt(r: dict) -> str:
     return (f"sm_{r['arch']}  {r['case']:33s} {r['kernel']:18s} {r['dtype']:9s} {r['regs']:4d} {r['spill_bytes']:5d} "
-            f"{r['smem_bytes']:6d} {r['num_warps']:5d} {r['blocks_per_sm']:6d} {r['sass_instructions']:5d}")
+            f"{r['smem_bytes']:6d} {r['num_warps']:5d} {r['blocks_per_sm']:6d} {r['sass_instructions']:5d} "
+            f"{r['loop_sass_instructions']:5d}")
+
+
+def model_table(rows: list[dict]) -> str:
+    """The ``--model`` view: per launch the loop size, bytes, the three bounds and the predicted time (the
+    largest), then the sum per case and pass (forward = ``_fwd_kernel``, backward = the rest)."""
+    us = 1e6
+    lines = [f"{'case':26s} {'kernel':18s} {'dtype':8s} {'regs':>4s} {'blk':>3s} {'loop':>5s} {'+call':>5s} "
+             f"{'MB':>7s} {'bytes us':>8s} {'issue us':>8s} {'mma us':>7s} {'pred us':>8s}  bound"]
+    totals: dict[tuple, list[float]] = {}
+    for r in rows:
+        if "predicted_s" not in r:
+            continue
+        lines.append(f"{r['case']:26s} {r['kernel']:18s} {r['dtype']:8s} {r['regs']:4d} {r['blocks_per_sm']:3d} "
+                     f"{r['loop_sass_instructions']:5d} {r['loop_sass_called']:5d} {r['bytes'] / 1e6:7.1f} "
+                     f"{r['t_bytes_s'] * us:8.1f} {r['t_issue_s'] * us:8.1f} {r['t_mma_s'] * us:7.1f} "
+                     f"{r['predicted_s'] * us:8.1f}  {r['bound']}")
+        key = (r["case"], r["dtype"], "fwd" if r["kernel"] == "_fwd_kernel" else "bwd")
+        t = totals.setdefault(key, [0.0, 0.0])
+        t[0] += r["predicted_s"]
+        t[1] += r["t_bytes_s"]
+    lines.append("")
+    lines.append(f"{'case':26s} {'dtype':8s} pass  {'pred us':>8s} {'floor us':>8s}  floor/pred")
+    for (case, dtype, pss), (pred, floor) in totals.items():
+        lines.append(f"{case:26s} {dtype:8s} {pss:4s}  {pred * us:8.1f} {floor * us:8.1f}  {floor / pred:9.0%}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,13 +507,14 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     # run as __main__, this file is a second copy of the module: use the package's (the launchers' one)
-    from esvit_kernels._triton.aot import report
+    from esvit_kernels._triton.aot import Machine, model_table, report
 
     parser = argparse.ArgumentParser(description="Compile the Triton kernels for GPU archs (no GPU needed) "
                                      "and print registers, spills, shared memory, occupancy, SASS size.")
     parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(ARCH_LIMITS))
     parser.add_argument("--case", nargs="*", default=None, help="module/case names (default: all)")
-    parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float16", "float32"],
+                        help="bfloat16 / float16 / float32 (or bf16 / fp16 / fp32)")
     parser.add_argument("--ci", action="store_true", help="only the cases CI compiles")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--smem-limit", type=int, default=None, metavar="BYTES",
@@ -337,7 +522,18 @@ def main(argv: list[str] | None = None) -> int:
                         "architecture's opt-in limit); e.g. 101376 for a 99 KB consumer GPU")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="also write the records as a JSON list to PATH ('-' = stdout, no table)")
+    parser.add_argument("--model", action="store_true",
+                        help="predicted time per launch (largest of bytes / copy bandwidth, issue-bound "
+                        "instructions, MMA time) at the Swin-T/S/B stage shapes (or the --case ones)")
+    parser.add_argument("--copy-bw", type=float, default=Machine.copy_bytes_per_s / 1e12, metavar="TB/S",
+                        help="copy bandwidth for --model, read + write (default: 4.25, measured on an H200)")
+    parser.add_argument("--clock-ghz", type=float, default=Machine.clock_hz / 1e9, help="SM clock for --model")
+    parser.add_argument("--mma-tflops", type=float, default=Machine.mma_flops_per_s / 1e12,
+                        help="half-precision matmul peak for --model (default: 802, measured on an H200)")
+    parser.add_argument("--sms", type=int, default=Machine.sms, help="multiprocessors for --model")
     args = parser.parse_args(argv)
+    if args.model and args.dtype == parser.get_default("dtype"):
+        args.dtype = ["bfloat16"]
     if args.list:
         for name, c in cases().items():
             print(f"{name:45s} batch={c.batch} window={c.window} head_dim={c.head_dim} "
@@ -347,7 +543,13 @@ def main(argv: list[str] | None = None) -> int:
     if not quiet:
         print(_HEADER, flush=True)
     log = None if quiet else (lambda s: print(s, flush=True))
-    rows = [r for arch in args.arch for r in report(arch, args.case, args.dtype, args.ci, log, args.smem_limit)]
+    machine = Machine(sms=args.sms, clock_hz=args.clock_ghz * 1e9, copy_bytes_per_s=args.copy_bw * 1e12,
+                      mma_flops_per_s=args.mma_tflops * 1e12) if args.model else None
+    rows = [r for arch in args.arch for r in report(arch, args.case, args.dtype, args.ci, log, args.smem_limit,
+                                                     machine, model_only=args.model and not args.case)]
+    if args.model and not quiet:
+        print()
+        print(model_table(rows))
     if args.json == "-":
         json.dump(rows, sys.stdout)
     elif args.json:

@@ -14,9 +14,15 @@ Tiling
     small windows, with a block-diagonal mask so windows do not see each other) against all TILE keys.
     N = 49 -> TILE 64; N = 144/196 -> TILE 256 with the queries split into blocks of BM rows. Where a whole
     tile does not fit registers and shared memory (large tiles in fp32 or at head_dim 128, fp32 at head_dim
-    > 32) the keys (forward, dQ) or queries (dK/dV) are walked in 4 chunks: an online softmax in the
-    forward, 4 rotating dbias accumulators in dQ. Each launch takes the first of its candidate
-    configurations whose shared memory fits the device (:func:`launch_candidates`, :func:`.aot.launch`).
+    > 32, and the 64-row blocks of large half-precision tiles) the keys (forward, dQ) or queries (dK/dV) are
+    walked in 4 chunks: an online softmax in the forward, 4 rotating dbias accumulators in dQ. Each launch
+    takes the first of its candidate configurations whose shared memory fits the device
+    (:func:`launch_candidates`, :func:`.aot.launch`).
+    Inside the tile loops nothing divides by a runtime size: with one window per tile the program splits
+    its first tile's window into (image, window row, window column) once and steps it per tile; a row's
+    place in the map is then constexpr arithmetic and a conditional subtract for the roll, in int32
+    offsets inside one sample plus the sample's int64 base (per-tile scalar). Heads are the fast grid
+    axis, so the heads of a tile run together and share its qkv rows in L2.
 
 Non-finite values and masked rows
     Pairs of different windows are *selected* to -inf (NaN + a large negative number would stay NaN). A
@@ -63,6 +69,7 @@ __all__ = ["swa_forward", "swa_backward", "wa_forward", "wa_backward", "tile_con
 
 # module constants read inside @triton.jit functions must be constexpr for the compiler
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -93,12 +100,12 @@ def _flag_nonfinite(flag_ptr, prog, row_sums):
 
 
 @triton.jit
-def _tiles_to_do(flag_ptr, prog, tiles_per_prog, SAFE: tl.constexpr):
-    """All the program's tiles; in the SAFE pass none unless the first pass flagged the program."""
+def _tiles_to_do(flag_ptr, prog, chunk, tiles_per_prog, NW_TOT, G: tl.constexpr, SAFE: tl.constexpr):
+    """The chunk's tiles that exist (the last chunk may hold fewer); in the SAFE pass none unless the first
+    pass flagged the program."""
+    n = tl.minimum(tiles_per_prog, (NW_TOT + G - 1) // G - chunk * tiles_per_prog)
     if SAFE:
-        n = tiles_per_prog * (tl.load(flag_ptr + prog) != 0).to(tl.int32)
-    else:
-        n = tiles_per_prog
+        n = n * (tl.load(flag_ptr + prog) != 0).to(tl.int32)
     return n
 
 
@@ -127,54 +134,174 @@ def _poison(acc, rows, cols, bad, N: tl.constexpr, DOT_F32: tl.constexpr, IS_F32
 
 
 @triton.jit
-def _rows(
-    tile, t, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
-    G: tl.constexpr, N: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
-    SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr,
-):
-    """Per tile row t: window id, token n, valid, in-map (not padding), input/output offsets, label."""
-    g = t // N
-    n = t - g * N
-    w = tile * G + g
-    valid = (g < G) & (w < NW_TOT)
-    w64 = w.to(tl.int64)
-    if LAYOUT == 0:
-        in_off = w64 * s_b + n * s_y
-        out_off = w64 * o_sb + n * o_sy
-        inmap = valid
-        label = n * 0
-    else:
-        b = w64 // n_win
-        wi = (w64 - b * n_win).to(tl.int32)
+def _first_window(tile, n_win, n_ww, G: tl.constexpr, LAYOUT: tl.constexpr):
+    """(image, window row, window column) of the first window of ``tile``: int32 scalars, computed once per
+    program before its tile loop (with one window per tile, :func:`_next_window` walks on from there, so the
+    loop divides by no runtime size)."""
+    if LAYOUT == 1 and G == 1:
+        b = tile // n_win
+        wi = tile - b * n_win
         wr = wi // n_ww
         wc = wi - wr * n_ww
-        r = n // WW
-        c = n - r * WW
-        ys = wr * WH + r  # position in the padded, shifted map
-        xs = wc * WW + c
-        if ROLL_BEFORE_PAD:  # timm: roll the unpadded map, then pad
-            inmap = valid & (ys < H) & (xs < W)
-            y = (ys + SH) % H
-            x = (xs + SW) % W
-        else:  # official: pad, then roll the padded map
-            y = (ys + SH) % HP
-            x = (xs + SW) % WP
-            inmap = valid & (y < H) & (x < W)
-        in_off = b * s_b + y * s_y + x * s_x
-        out_off = b * o_sb + y * o_sy + x * o_sx
-        label = n * 0
-        if SH > 0:
-            label += 3 * ((ys >= HP - WH).to(tl.int32) + (ys >= HP - SH).to(tl.int32))
-        if SW > 0:
-            label += (xs >= WP - WW).to(tl.int32) + (xs >= WP - SW).to(tl.int32)
-    return w, n, valid, inmap, in_off, out_off, label
+    else:  # unused
+        b = tile * 0
+        wr = b
+        wc = b
+    return b, wr, wc
 
 
 @triton.jit
-def _load_tok(ptr, off, d, inmap, ispad, pad_ptr, HD: tl.constexpr, HAS_PAD: tl.constexpr):
+def _next_window(b, wr, wc, n_win, n_ww, G: tl.constexpr, LAYOUT: tl.constexpr):
+    """The window after (b, wr, wc) in (image, row, column) order, the next tile's when G == 1."""
+    if LAYOUT == 1 and G == 1:
+        wc = wc + 1
+        row_done = wc == n_ww
+        wc = tl.where(row_done, 0, wc)
+        wr = tl.where(row_done, wr + 1, wr)
+        img_done = wr * n_ww == n_win
+        wr = tl.where(img_done, 0, wr)
+        b = tl.where(img_done, b + 1, b)
+    return b, wr, wc
+
+
+@triton.jit
+def _shifts(H, W, HP, WP, SH: tl.constexpr, SW: tl.constexpr, LAYOUT: tl.constexpr,
+            ROLL_BEFORE_PAD: tl.constexpr):
+    """The cyclic shift reduced modulo the rolled extent (the map with timm's order, the padded map with
+    the official one): once per program, so that a row's rolled position needs one conditional subtract."""
+    if LAYOUT == 1:
+        if ROLL_BEFORE_PAD:
+            sy = SH % H
+            sx = SW % W
+        else:
+            sy = SH % HP
+            sx = SW % WP
+    else:
+        sy = 0
+        sx = 0
+    return sy, sx
+
+
+@triton.jit
+def _rows(
+    tile, t, b, wr, wc, NW_TOT, n_win, n_ww, H, W, HP, WP, sy, sx, s_b, s_y, s_x, o_sb, o_sy, o_sx,
+    G: tl.constexpr, N: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
+    SW: tl.constexpr, LAYOUT: tl.constexpr, ROLL_BEFORE_PAD: tl.constexpr,
+):
+    """Per tile row t: window id w, token n, valid, in-map (not padding), the base offsets of the row's
+    image (input, output; int64, per-tile scalars when G == 1) and the row's offsets inside it (int32),
+    region label. With one window per tile (G == 1) the window's (image, row, column) are the per-tile
+    scalars (b, wr, wc) and every row t < N is valid (the loop visits only existing tiles): the rows need
+    no division by a runtime size, only by constexprs (N, WW), and a conditional subtract for the roll.
+    G > 1 divides by the map's sizes in int32."""
+    if G == 1:
+        n = t
+        w = tile
+        valid = t < N
+    else:
+        g = t // N
+        n = t - g * N
+        w = tile * G + g
+        valid = (g < G) & (w < NW_TOT)
+    if LAYOUT == 0:
+        img = w.to(tl.int64) * s_b
+        out_img = w.to(tl.int64) * o_sb
+        in_off = n * s_y
+        out_off = n * o_sy
+        inmap = valid
+        label = n * 0
+    else:
+        if G == 1:
+            bb = b
+            r_w = wr
+            c_w = wc
+        else:
+            bb = w // n_win
+            wi = w - bb * n_win
+            r_w = wi // n_ww
+            c_w = wi - r_w * n_ww
+        r = n // WW
+        c = n - r * WW
+        ys = r_w * WH + r  # position in the padded, shifted map
+        xs = c_w * WW + c
+        y = ys + sy
+        x = xs + sx
+        if ROLL_BEFORE_PAD:  # timm: roll the unpadded map, then pad (y < 2H for the rows in the map)
+            inmap = valid & (ys < H) & (xs < W)
+            y = tl.where(y >= H, y - H, y)
+            x = tl.where(x >= W, x - W, x)
+        else:  # official: pad, then roll the padded map
+            y = tl.where(y >= HP, y - HP, y)
+            x = tl.where(x >= WP, x - WP, x)
+            inmap = valid & (y < H) & (x < W)
+        img = bb.to(tl.int64) * s_b
+        out_img = bb.to(tl.int64) * o_sb
+        in_off = y * s_y + x * s_x
+        out_off = y * o_sy + x * o_sx
+        # shift-mask region label: the official labels (3 * [ys >= HP - WH] + 3 * [ys >= HP - SH] + the same
+        # for x) differ within a window only in the last window row (column) of the map, and there by
+        # whether the token is in the window's last SH rows (SW columns): label = code & tile bits, with code
+        # depending on the token alone (loop-invariant) and the bits on the window alone (per-tile scalars)
+        code = n * 0
+        bits = r_w * 0
+        if SH > 0:
+            code += 2 * (r >= WH - SH).to(tl.int32)
+            bits += 2 * ((r_w + 1) * WH == HP).to(tl.int32)
+        if SW > 0:
+            code += (c >= WW - SW).to(tl.int32)
+            bits += ((c_w + 1) * WW == WP).to(tl.int32)
+        label = code & bits
+    return w, n, valid, inmap, img, in_off, out_img, out_off, label
+
+
+@triton.jit
+def _ptrs(ptr, img, off, d, G: tl.constexpr):
+    """(rows, HD_PAD) pointers ptr + img + off + d: img a per-tile int64 scalar when G == 1 (the 64-bit
+    addition happens once), an int64 row vector otherwise."""
+    if G == 1:
+        p = (ptr + img) + off[:, None] + d[None, :]
+    else:
+        p = ptr + (img + off)[:, None] + d[None, :]
+    return p
+
+
+@triton.jit
+def _lse_ptrs(lse_ptr, w, n, h, HEADS: tl.constexpr, N: tl.constexpr, G: tl.constexpr):
+    """Pointers to the (windows, heads, N) lse (and delta) of the rows; the window's base is a scalar when
+    G == 1."""
+    if G == 1:
+        p = (lse_ptr + (w.to(tl.int64) * HEADS + h) * N) + n
+    else:
+        p = lse_ptr + (w.to(tl.int64) * HEADS + h) * N + n
+    return p
+
+
+@triton.jit
+def _same(qw, kw, qvalid, kvalid, G: tl.constexpr):
+    """Pairs that may interact: both rows valid and, with packed windows, in the same window."""
+    if G == 1:
+        same = qvalid[:, None] & kvalid[None, :]
+    else:
+        same = (qw[:, None] == kw[None, :]) & qvalid[:, None] & kvalid[None, :]
+    return same
+
+
+@triton.jit
+def _mask_rows(w, n, n_mask_win, m_sw, m_si, HAS_MASK: tl.constexpr):
+    """Offsets of the rows into the user's (nW, N, N) mask (image-major windows: window w uses w % nW)."""
+    if HAS_MASK:
+        m = (w % n_mask_win).to(tl.int64) * m_sw + n * m_si
+    else:
+        m = n
+    return m
+
+
+@triton.jit
+def _load_tok(ptr, img, off, d, inmap, ispad, pad_ptr, HD: tl.constexpr, HAS_PAD: tl.constexpr,
+              G: tl.constexpr):
     """(rows, HD_PAD) block of one head's q, k or v; padding rows take the pad vector (or zeros)."""
     dmask = d < HD
-    x = tl.load(ptr + off[:, None] + d[None, :], mask=inmap[:, None] & dmask[None, :], other=0.0)
+    x = tl.load(_ptrs(ptr, img, off, d, G), mask=inmap[:, None] & dmask[None, :], other=0.0)
     if HAS_PAD:
         p = tl.load(pad_ptr + d, mask=dmask, other=0.0)
         x = tl.where(ispad[:, None], p[None, :].to(x.dtype), x)
@@ -193,17 +320,19 @@ def _bias_block(
     if HAS_BIAS:
         gr = rr // N
         gc = rc // N
+        # rel(q, k) = (rq - rk + WH - 1) (2 WW - 1) + cq - ck + WW - 1 = a(q) - a(k) + a0 with
+        # a(n) = (n // WW) (2 WW - 1) + n % WW: per row and per column, so a pair costs one subtraction
+        nr = rr - gr * N
+        nc = rc - gc * N
+        ar = ((nr // WW) * (2 * WW - 1) + nr % WW) * bias_st
+        ac = ((nc // WW) * (2 * WW - 1) + nc % WW) * bias_st
         if ROWS_ARE_KEYS:
-            nq = (rc - gc * N)[None, :]
-            nk = (rr - gr * N)[:, None]
+            off = ac[None, :] - ar[:, None]
         else:
-            nq = (rr - gr * N)[:, None]
-            nk = (rc - gc * N)[None, :]
-        rq = nq // WW
-        rk = nk // WW
-        idx = (rq - rk + (WH - 1)) * (2 * WW - 1) + (nq - rq * WW) - (nk - rk * WW) + (WW - 1)
-        b = tl.load(bias_ptr + idx * bias_st + h * bias_sh, mask=gr[:, None] == gc[None, :], other=0.0)
-        b = b.to(tl.float32)
+            off = ar[:, None] - ac[None, :]
+        base = bias_ptr + h * bias_sh + ((WH - 1) * (2 * WW - 1) + WW - 1) * bias_st
+        b = tl.load(base + off, mask=gr[:, None] == gc[None, :], other=0.0)
+        b = b.to(tl.float32) * LOG2E  # the kernels work on log2-scaled logits (see _scores)
     else:
         b = 0.0
     return b
@@ -214,14 +343,16 @@ def _scores(
     a, b, bias_blk, same, lab_r, lab_c, mask_ptr, m_r, m_c, scale, SH: tl.constexpr, SW: tl.constexpr,
     LAYOUT: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, IS_F32: tl.constexpr,
 ):
-    """fp32 logits a b^T * scale + bias (+ the user's mask, or the shift mask from region labels), -inf for
-    pairs that must not interact (other window, padding rows of the tile). A select, not an addition: NaN
-    + -inf would still be NaN. Rows are queries (a = q) or keys (a = k, the transposed logits)."""
-    s = _dot(a, tl.trans(b), DOT_F32, IS_F32) * scale + bias_blk
+    """fp32 logits a b^T * scale + bias (+ the user's mask, or the shift mask from region labels) in log2
+    units (times log2(e): ``exp2`` of them needs no multiply, and the bias block comes scaled from
+    :func:`_bias_block`), -inf for pairs that must not interact (other window, padding rows of the tile). A
+    select, not an addition: NaN + -inf would still be NaN. Rows are queries (a = q) or keys (a = k, the
+    transposed logits)."""
+    s = _dot(a, tl.trans(b), DOT_F32, IS_F32) * (scale * LOG2E) + bias_blk
     if HAS_MASK:
-        s += tl.load(mask_ptr + m_r[:, None] + m_c[None, :], mask=same, other=0.0).to(tl.float32)
+        s += tl.load(mask_ptr + m_r[:, None] + m_c[None, :], mask=same, other=0.0).to(tl.float32) * LOG2E
     if LAYOUT == 1 and (SH > 0 or SW > 0):
-        s += tl.where(lab_r[:, None] != lab_c[None, :], -100.0, 0.0)
+        s = tl.where(lab_r[:, None] != lab_c[None, :], s - 100.0 * LOG2E, s)
     return tl.where(same, s, float("-inf"))
 
 
@@ -245,8 +376,8 @@ def _fwd_kernel(
     the keys are walked in TILE // BK chunks with an online softmax, so K/V chunks, not the whole tile, sit
     in shared memory and registers."""
     tl.static_assert(BK == TILE or (BK * 4 == TILE and not PRE_BIAS))
-    chunk = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(0)  # heads fastest: the heads of a tile run together and share its qkv rows
+    chunk = tl.program_id(1)
     prog = (chunk * HEADS + h) * tl.num_programs(2) + tl.program_id(2)
     tq = tl.program_id(2) * BM + tl.arange(0, BM)
     tk = tl.arange(0, BK)
@@ -254,13 +385,15 @@ def _fwd_kernel(
     hoff = h * s_h
     if PRE_BIAS:  # small tiles: the bias block stays in registers across the tile loop
         bias_pre = _bias_block(h, tq, tk, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, False)
-    for it in range(0, _tiles_to_do(flag_ptr, prog, tiles_per_prog, SAFE)):
+    sy, sx = _shifts(H, W, HP, WP, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
+    b, wr, wc = _first_window(chunk * tiles_per_prog, n_win, n_ww, G, LAYOUT)
+    for it in range(0, _tiles_to_do(flag_ptr, prog, chunk, tiles_per_prog, NW_TOT, G, SAFE)):
         tile = chunk * tiles_per_prog + it
-        qw, qn, qvalid, qin, qoff, qoo, qlab = _rows(
-            tile, tq, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
+        qw, qn, qvalid, qin, qimg, qoff, qoimg, qoo, qlab = _rows(
+            tile, tq, b, wr, wc, NW_TOT, n_win, n_ww, H, W, HP, WP, sy, sx, s_b, s_y, s_x, o_sb, o_sy, o_sx,
             G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
-        q = _load_tok(q_ptr + hoff, qoff, d, qin, qvalid & ~qin, pad_ptr + h * HD, HD, HAS_PAD)
-        m_r = (qw % n_mask_win).to(tl.int64) * m_sw + qn * m_si
+        q = _load_tok(q_ptr + hoff, qimg, qoff, d, qin, qvalid & ~qin, pad_ptr + h * HD, HD, HAS_PAD, G)
+        m_r = _mask_rows(qw, qn, n_mask_win, m_sw, m_si, HAS_MASK)
         m = tl.full((BM,), float("-inf"), tl.float32)
         l = tl.zeros((BM,), tl.float32)
         acc = tl.zeros((BM, HD_PAD), tl.float32)
@@ -270,14 +403,15 @@ def _fwd_kernel(
                 bias_blk = bias_pre
             else:
                 bias_blk = _bias_block(h, tq, tkc, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, False)
-            kw, kn, kvalid, kin, koff, _, klab = _rows(
-                tile, tkc, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
-                G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
-            k = _load_tok(k_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + C + h * HD, HD, HAS_PAD)
-            v = _load_tok(v_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + 2 * C + h * HD, HD, HAS_PAD)
+            kw, kn, kvalid, kin, kimg, koff, _, _, klab = _rows(
+                tile, tkc, b, wr, wc, NW_TOT, n_win, n_ww, H, W, HP, WP, sy, sx, s_b, s_y, s_x, o_sb, o_sy,
+                o_sx, G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
+            kpad = kvalid & ~kin
+            k = _load_tok(k_ptr + hoff, kimg, koff, d, kin, kpad, pad_ptr + C + h * HD, HD, HAS_PAD, G)
+            v = _load_tok(v_ptr + hoff, kimg, koff, d, kin, kpad, pad_ptr + 2 * C + h * HD, HD, HAS_PAD, G)
             if G > 1 and not SAFE:  # P @ V is the one product that can carry a NaN across windows
                 _flag_nonfinite(flag_ptr, prog, tl.sum(v.to(tl.float32), 1))
-            same = (qw[:, None] == kw[None, :]) & qvalid[:, None] & kvalid[None, :]
+            same = _same(qw, kw, qvalid, kvalid, G)
             s = _scores(q, k, bias_blk, same, qlab, klab, mask_ptr, m_r, kn, scale, SH, SW, LAYOUT, HAS_MASK,
                         DOT_F32, IS_F32)
             if BK == TILE:  # one pass: no rescaling
@@ -285,7 +419,7 @@ def _fwd_kernel(
             else:
                 m_new = tl.maximum(m, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # every logit so far -inf: p = 0
-            p = tl.exp2((s - m_use[:, None]) * LOG2E)
+            p = tl.exp2(s - m_use[:, None])
             lp = p.to(v.dtype)
             if SAFE:  # another window's non-finite v must not reach this one (see _poison)
                 v_ok = _finite(v)
@@ -296,16 +430,17 @@ def _fwd_kernel(
                 l = tl.sum(p, 1)
                 acc = pv
             else:
-                alpha = tl.exp2((m - m_use) * LOG2E)
+                alpha = tl.exp2(m - m_use)
                 l = l * alpha + tl.sum(p, 1)
                 acc = acc * alpha[:, None] + pv
             m = m_new
         empty = l == 0.0  # output 0, lse +inf (2^(s - lse) = 0 in the backward: zero gradients)
-        o = acc / tl.where(empty, 1.0, l)[:, None]
-        tl.store(out_ptr + h * HD + qoo[:, None] + d[None, :], o.to(out_ptr.dtype.element_ty),
+        o = acc * (1.0 / tl.where(empty, 1.0, l))[:, None]  # one division per row, not per element
+        tl.store(_ptrs(out_ptr + h * HD, qoimg, qoo, d, G), o.to(out_ptr.dtype.element_ty),
                  mask=qin[:, None] & (d < HD)[None, :])
-        tl.store(lse_ptr + (qw.to(tl.int64) * HEADS + h) * N + qn, tl.where(empty, float("inf"), m + tl.log(l)),
+        tl.store(_lse_ptrs(lse_ptr, qw, qn, h, HEADS, N, G), tl.where(empty, float("inf"), (m + tl.log2(l)) * LN2),
                  mask=qvalid)
+        b, wr, wc = _next_window(b, wr, wc, n_win, n_ww, G, LAYOUT)
 
 
 # ----------------------------------------------------------------------------------------- backward
@@ -329,8 +464,8 @@ def _bwd_fused_kernel(
 ):
     """dQ, dK, dV of whole tiles (one block of TILE rows) for a chunk of tiles and one head. Works on the
     transposed logits (keys as rows) so only dQ needs a transpose; sums dS over the chunk for dbias."""
-    chunk = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(0)  # heads fastest: the heads of a tile run together and share its qkv rows
+    chunk = tl.program_id(1)
     prog = chunk * HEADS + h
     t = tl.arange(0, TILE)
     d = tl.arange(0, HD_PAD)
@@ -341,31 +476,33 @@ def _bwd_fused_kernel(
     acc_dst = tl.zeros((TILE, TILE), dtype=tl.float32)  # acc_dst[j, i] = sum over windows of dS[i, j]
     pad_dk = tl.zeros((HD_PAD,), dtype=tl.float32)
     pad_dv = tl.zeros((HD_PAD,), dtype=tl.float32)
-    for it in range(0, _tiles_to_do(flag_ptr, prog, tiles_per_prog, SAFE)):
+    sy, sx = _shifts(H, W, HP, WP, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
+    b, wr, wc = _first_window(chunk * tiles_per_prog, n_win, n_ww, G, LAYOUT)
+    for it in range(0, _tiles_to_do(flag_ptr, prog, chunk, tiles_per_prog, NW_TOT, G, SAFE)):
         tile = chunk * tiles_per_prog + it
         if PRE_BIAS:
             bias_t = bias_pre
         else:
             bias_t = _bias_block(h, t, t, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, True)
-        w, n, valid, inmap, off, ooff, lab = _rows(
-            tile, t, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
+        w, n, valid, inmap, img, off, oimg, ooff, lab = _rows(
+            tile, t, b, wr, wc, NW_TOT, n_win, n_ww, H, W, HP, WP, sy, sx, s_b, s_y, s_x, o_sb, o_sy, o_sx,
             G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
         ispad = valid & ~inmap
-        q = _load_tok(q_ptr + hoff, off, d, inmap, ispad, pad_ptr + h * HD, HD, HAS_PAD)
-        k = _load_tok(k_ptr + hoff, off, d, inmap, ispad, pad_ptr + C + h * HD, HD, HAS_PAD)
-        v = _load_tok(v_ptr + hoff, off, d, inmap, ispad, pad_ptr + 2 * C + h * HD, HD, HAS_PAD)
+        q = _load_tok(q_ptr + hoff, img, off, d, inmap, ispad, pad_ptr + h * HD, HD, HAS_PAD, G)
+        k = _load_tok(k_ptr + hoff, img, off, d, inmap, ispad, pad_ptr + C + h * HD, HD, HAS_PAD, G)
+        v = _load_tok(v_ptr + hoff, img, off, d, inmap, ispad, pad_ptr + 2 * C + h * HD, HD, HAS_PAD, G)
         omask = inmap[:, None] & dmask
-        do = tl.load(dout_ptr + h * HD + ooff[:, None] + d[None, :], mask=omask, other=0.0)
-        o = tl.load(out_ptr + h * HD + ooff[:, None] + d[None, :], mask=omask, other=0.0)
+        do = tl.load(_ptrs(dout_ptr + h * HD, oimg, ooff, d, G), mask=omask, other=0.0)
+        o = tl.load(_ptrs(out_ptr + h * HD, oimg, ooff, d, G), mask=omask, other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        lse = tl.load(lse_ptr + (w.to(tl.int64) * HEADS + h) * N + n, mask=valid, other=0.0)
-        same = (w[:, None] == w[None, :]) & valid[:, None] & valid[None, :]
-        m_c = (w % n_mask_win).to(tl.int64) * m_sw + n * m_si
+        lse = tl.load(_lse_ptrs(lse_ptr, w, n, h, HEADS, N, G), mask=valid, other=0.0)
+        same = _same(w, w, valid, valid, G)
+        m_c = _mask_rows(w, n, n_mask_win, m_sw, m_si, HAS_MASK)
         st = _scores(k, q, bias_t, same, lab, lab, mask_ptr, n, m_c, scale, SH, SW, LAYOUT, HAS_MASK,
                      DOT_F32, IS_F32)
         if SAFE:  # nothing non-finite may cross to another window (see _poison)
             lse_ok = lse == lse
-            pt = tl.exp2((st - tl.where(lse_ok, lse, float("inf"))[None, :]) * LOG2E)
+            pt = tl.exp2(st - tl.where(lse_ok, lse * LOG2E, float("inf"))[None, :])
             q_ok, k_ok, do_ok = _finite(q), _finite(k), _finite(do)
             do = tl.where(do_ok, do, 0.0)  # delta above saw the original: a NaN there still poisons dS
             dv = _dot(pt.to(do.dtype), do, DOT_F32, IS_F32)
@@ -377,18 +514,18 @@ def _bwd_fused_kernel(
             dk = _poison(dk, t, t, ~q_ok, N, DOT_F32, IS_F32)
             dq = _poison(dq, t, t, ~k_ok, N, DOT_F32, IS_F32)
         else:
-            pt = tl.exp2((st - lse[None, :]) * LOG2E)
+            pt = tl.exp2(st - (lse * LOG2E)[None, :])
             dv = _dot(pt.to(do.dtype), do, DOT_F32, IS_F32)
             dpt = _dot(v, tl.trans(do), DOT_F32, IS_F32)
             dst = pt * (dpt - delta[None, :])
             dst_lp = dst.to(q.dtype)
             dk = _dot(dst_lp, q, DOT_F32, IS_F32) * scale
             dq = _dot(tl.trans(dst_lp), k, DOT_F32, IS_F32) * scale
+        gimg = oimg if LAYOUT == 0 else img
         g = ooff if LAYOUT == 0 else off
-        gptr = h * HD + g[:, None] + d[None, :]
-        tl.store(dq_ptr + gptr, dq.to(dq_ptr.dtype.element_ty), mask=omask)
-        tl.store(dk_ptr + gptr, dk.to(dk_ptr.dtype.element_ty), mask=omask)
-        tl.store(dv_ptr + gptr, dv.to(dv_ptr.dtype.element_ty), mask=omask)
+        tl.store(_ptrs(dq_ptr + h * HD, gimg, g, d, G), dq.to(dq_ptr.dtype.element_ty), mask=omask)
+        tl.store(_ptrs(dk_ptr + h * HD, gimg, g, d, G), dk.to(dk_ptr.dtype.element_ty), mask=omask)
+        tl.store(_ptrs(dv_ptr + h * HD, gimg, g, d, G), dv.to(dv_ptr.dtype.element_ty), mask=omask)
         if G > 1 and not SAFE:
             _flag_nonfinite(flag_ptr, prog, tl.sum(dq, 1) + tl.sum(dk, 1) + tl.sum(dv, 1))
         if NEED_DBIAS:
@@ -396,6 +533,7 @@ def _bwd_fused_kernel(
         if NEED_DPAD:
             pad_dk += tl.sum(tl.where(ispad[:, None], dk, 0.0), 0)
             pad_dv += tl.sum(tl.where(ispad[:, None], dv, 0.0), 0)
+        b, wr, wc = _next_window(b, wr, wc, n_win, n_ww, G, LAYOUT)
     redo = _redone(flag_ptr, prog, SAFE)
     if NEED_DBIAS:
         tl.store(dbias_part_ptr + (prog.to(tl.int64) * TILE + t[None, :]) * TILE + t[:, None], acc_dst, mask=redo)
@@ -423,8 +561,8 @@ def _bwd_dq_kernel(
     the 4 key chunks live in 4 accumulators that rotate by one slot per chunk, so after each tile every
     chunk's sum is back in its own slot (registers cannot be indexed by a loop counter)."""
     tl.static_assert(BK == TILE or (BK * 4 == TILE and not PRE_BIAS))
-    chunk = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(0)  # heads fastest: the heads of a tile run together and share its qkv rows
+    chunk = tl.program_id(1)
     prog = (chunk * HEADS + h) * tl.num_programs(2) + tl.program_id(2)
     tq = tl.program_id(2) * BM + tl.arange(0, BM)
     tk = tl.arange(0, BK)
@@ -437,19 +575,20 @@ def _bwd_dq_kernel(
     acc1 = tl.zeros((BM, BK), dtype=tl.float32)
     acc2 = tl.zeros((BM, BK), dtype=tl.float32)
     acc3 = tl.zeros((BM, BK), dtype=tl.float32)
-    for it in range(0, _tiles_to_do(flag_ptr, prog, tiles_per_prog, SAFE)):
+    sy, sx = _shifts(H, W, HP, WP, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
+    b, wr, wc = _first_window(chunk * tiles_per_prog, n_win, n_ww, G, LAYOUT)
+    for it in range(0, _tiles_to_do(flag_ptr, prog, chunk, tiles_per_prog, NW_TOT, G, SAFE)):
         tile = chunk * tiles_per_prog + it
-        qw, qn, qvalid, qin, qoff, qoo, qlab = _rows(
-            tile, tq, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
+        qw, qn, qvalid, qin, qimg, qoff, qoimg, qoo, qlab = _rows(
+            tile, tq, b, wr, wc, NW_TOT, n_win, n_ww, H, W, HP, WP, sy, sx, s_b, s_y, s_x, o_sb, o_sy, o_sx,
             G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
-        q = _load_tok(q_ptr + hoff, qoff, d, qin, qvalid & ~qin, pad_ptr + h * HD, HD, HAS_PAD)
+        q = _load_tok(q_ptr + hoff, qimg, qoff, d, qin, qvalid & ~qin, pad_ptr + h * HD, HD, HAS_PAD, G)
         omask = qin[:, None] & dmask
-        do = tl.load(dout_ptr + h * HD + qoo[:, None] + d[None, :], mask=omask, other=0.0)
-        o = tl.load(out_ptr + h * HD + qoo[:, None] + d[None, :], mask=omask, other=0.0)
+        do = tl.load(_ptrs(dout_ptr + h * HD, qoimg, qoo, d, G), mask=omask, other=0.0)
+        o = tl.load(_ptrs(out_ptr + h * HD, qoimg, qoo, d, G), mask=omask, other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        lse_off = (qw.to(tl.int64) * HEADS + h) * N + qn
-        lse = tl.load(lse_ptr + lse_off, mask=qvalid, other=0.0)
-        m_r = (qw % n_mask_win).to(tl.int64) * m_sw + qn * m_si
+        lse = tl.load(_lse_ptrs(lse_ptr, qw, qn, h, HEADS, N, G), mask=qvalid, other=0.0)
+        m_r = _mask_rows(qw, qn, n_mask_win, m_sw, m_si, HAS_MASK)
         dq = tl.zeros((BM, HD_PAD), dtype=tl.float32)
         for kc in range(0, TILE // BK):
             tkc = kc * BK + tk
@@ -457,15 +596,16 @@ def _bwd_dq_kernel(
                 bias_blk = bias_pre
             else:
                 bias_blk = _bias_block(h, tq, tkc, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, False)
-            kw, kn, kvalid, kin, koff, _, klab = _rows(
-                tile, tkc, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
-                G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
-            k = _load_tok(k_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + C + h * HD, HD, HAS_PAD)
-            v = _load_tok(v_ptr + hoff, koff, d, kin, kvalid & ~kin, pad_ptr + 2 * C + h * HD, HD, HAS_PAD)
-            same = (qw[:, None] == kw[None, :]) & qvalid[:, None] & kvalid[None, :]
+            kw, kn, kvalid, kin, kimg, koff, _, _, klab = _rows(
+                tile, tkc, b, wr, wc, NW_TOT, n_win, n_ww, H, W, HP, WP, sy, sx, s_b, s_y, s_x, o_sb, o_sy,
+                o_sx, G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
+            kpad = kvalid & ~kin
+            k = _load_tok(k_ptr + hoff, kimg, koff, d, kin, kpad, pad_ptr + C + h * HD, HD, HAS_PAD, G)
+            v = _load_tok(v_ptr + hoff, kimg, koff, d, kin, kpad, pad_ptr + 2 * C + h * HD, HD, HAS_PAD, G)
+            same = _same(qw, kw, qvalid, kvalid, G)
             s = _scores(q, k, bias_blk, same, qlab, klab, mask_ptr, m_r, kn, scale, SH, SW, LAYOUT, HAS_MASK,
                         DOT_F32, IS_F32)
-            p = tl.exp2((s - lse[:, None]) * LOG2E)
+            p = tl.exp2(s - (lse * LOG2E)[:, None])
             dp = _dot(do, tl.trans(v), DOT_F32, IS_F32)
             ds = p * (dp - delta[:, None])
             if SAFE:  # see _bwd_fused_kernel
@@ -481,11 +621,13 @@ def _bwd_dq_kernel(
                 else:  # rotate: the slot of chunk kc is acc0 now, and acc3 after the shift
                     acc0, acc1, acc2, acc3 = acc1, acc2, acc3, acc0 + ds
         dq = dq * scale
+        gimg = qoimg if LAYOUT == 0 else qimg
         g = qoo if LAYOUT == 0 else qoff
-        tl.store(dq_ptr + h * HD + g[:, None] + d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=omask)
-        tl.store(delta_ptr + lse_off, delta, mask=qvalid)
+        tl.store(_ptrs(dq_ptr + h * HD, gimg, g, d, G), dq.to(dq_ptr.dtype.element_ty), mask=omask)
+        tl.store(_lse_ptrs(delta_ptr, qw, qn, h, HEADS, N, G), delta, mask=qvalid)
         if G > 1 and not SAFE:
             _flag_nonfinite(flag_ptr, prog, tl.sum(dq, 1))
+        b, wr, wc = _next_window(b, wr, wc, n_win, n_ww, G, LAYOUT)
     if NEED_DBIAS:
         part = chunk * HEADS + h
         redo = _redone(flag_ptr, prog, SAFE)
@@ -512,8 +654,8 @@ def _bwd_dkv_kernel(
     """Split backward, part 2: dK, dV of one key block against all queries of the tile (transposed),
     the queries walked in TILE // BQ chunks (one chunk when BQ == TILE)."""
     tl.static_assert(BQ == TILE or (BQ * 4 == TILE and not PRE_BIAS))
-    chunk = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(0)  # heads fastest: the heads of a tile run together and share its qkv rows
+    chunk = tl.program_id(1)
     kb = tl.program_id(2)
     prog = (chunk * HEADS + h) * tl.num_programs(2) + kb
     tk = kb * BN + tl.arange(0, BN)
@@ -525,14 +667,16 @@ def _bwd_dkv_kernel(
         bias_pre = _bias_block(h, tk, tq, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, True)
     pad_dk = tl.zeros((HD_PAD,), dtype=tl.float32)
     pad_dv = tl.zeros((HD_PAD,), dtype=tl.float32)
-    for it in range(0, _tiles_to_do(flag_ptr, prog, tiles_per_prog, SAFE)):
+    sy, sx = _shifts(H, W, HP, WP, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
+    b, wr, wc = _first_window(chunk * tiles_per_prog, n_win, n_ww, G, LAYOUT)
+    for it in range(0, _tiles_to_do(flag_ptr, prog, chunk, tiles_per_prog, NW_TOT, G, SAFE)):
         tile = chunk * tiles_per_prog + it
-        kw, kn, kvalid, kin, koff, koo, klab = _rows(
-            tile, tk, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
+        kw, kn, kvalid, kin, kimg, koff, koimg, koo, klab = _rows(
+            tile, tk, b, wr, wc, NW_TOT, n_win, n_ww, H, W, HP, WP, sy, sx, s_b, s_y, s_x, o_sb, o_sy, o_sx,
             G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
         kpad = kvalid & ~kin
-        k = _load_tok(k_ptr + hoff, koff, d, kin, kpad, pad_ptr + C + h * HD, HD, HAS_PAD)
-        v = _load_tok(v_ptr + hoff, koff, d, kin, kpad, pad_ptr + 2 * C + h * HD, HD, HAS_PAD)
+        k = _load_tok(k_ptr + hoff, kimg, koff, d, kin, kpad, pad_ptr + C + h * HD, HD, HAS_PAD, G)
+        v = _load_tok(v_ptr + hoff, kimg, koff, d, kin, kpad, pad_ptr + 2 * C + h * HD, HD, HAS_PAD, G)
         dk = tl.zeros((BN, HD_PAD), dtype=tl.float32)
         dv = tl.zeros((BN, HD_PAD), dtype=tl.float32)
         for qc in range(0, TILE // BQ):
@@ -541,21 +685,20 @@ def _bwd_dkv_kernel(
                 bias_t = bias_pre
             else:
                 bias_t = _bias_block(h, tk, tqc, bias_ptr, bias_st, bias_sh, N, WH, WW, HAS_BIAS, True)
-            qw, qn, qvalid, qin, qoff, qoo, qlab = _rows(
-                tile, tqc, NW_TOT, n_win, n_ww, H, W, HP, WP, s_b, s_y, s_x, o_sb, o_sy, o_sx,
-                G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
-            q = _load_tok(q_ptr + hoff, qoff, d, qin, qvalid & ~qin, pad_ptr + h * HD, HD, HAS_PAD)
-            do = tl.load(dout_ptr + h * HD + qoo[:, None] + d[None, :], mask=qin[:, None] & dmask, other=0.0)
-            lse_off = (qw.to(tl.int64) * HEADS + h) * N + qn
-            lse = tl.load(lse_ptr + lse_off, mask=qvalid, other=0.0)
-            delta = tl.load(delta_ptr + lse_off, mask=qvalid, other=0.0)
-            same = (kw[:, None] == qw[None, :]) & kvalid[:, None] & qvalid[None, :]
-            m_c = (qw % n_mask_win).to(tl.int64) * m_sw + qn * m_si
+            qw, qn, qvalid, qin, qimg, qoff, qoimg, qoo, qlab = _rows(
+                tile, tqc, b, wr, wc, NW_TOT, n_win, n_ww, H, W, HP, WP, sy, sx, s_b, s_y, s_x, o_sb, o_sy,
+                o_sx, G, N, WH, WW, SH, SW, LAYOUT, ROLL_BEFORE_PAD)
+            q = _load_tok(q_ptr + hoff, qimg, qoff, d, qin, qvalid & ~qin, pad_ptr + h * HD, HD, HAS_PAD, G)
+            do = tl.load(_ptrs(dout_ptr + h * HD, qoimg, qoo, d, G), mask=qin[:, None] & dmask, other=0.0)
+            lse = tl.load(_lse_ptrs(lse_ptr, qw, qn, h, HEADS, N, G), mask=qvalid, other=0.0)
+            delta = tl.load(_lse_ptrs(delta_ptr, qw, qn, h, HEADS, N, G), mask=qvalid, other=0.0)
+            same = _same(kw, qw, kvalid, qvalid, G)
+            m_c = _mask_rows(qw, qn, n_mask_win, m_sw, m_si, HAS_MASK)
             st = _scores(k, q, bias_t, same, klab, qlab, mask_ptr, kn, m_c, scale, SH, SW, LAYOUT, HAS_MASK,
                          DOT_F32, IS_F32)
             if SAFE:  # see _bwd_fused_kernel
                 lse_ok = lse == lse
-                pt = tl.exp2((st - tl.where(lse_ok, lse, float("inf"))[None, :]) * LOG2E)
+                pt = tl.exp2(st - tl.where(lse_ok, lse * LOG2E, float("inf"))[None, :])
                 q_ok, do_ok = _finite(q), _finite(do)
                 do = tl.where(do_ok, do, 0.0)
                 dst = tl.where(same, pt * (_dot(v, tl.trans(do), DOT_F32, IS_F32) - delta[None, :]), 0.0)
@@ -564,21 +707,23 @@ def _bwd_dkv_kernel(
                 dk += _poison(_dot(dst.to(q.dtype), tl.where(q_ok, q, 0.0), DOT_F32, IS_F32), tk, tqc, ~q_ok, N,
                               DOT_F32, IS_F32)
             else:
-                pt = tl.exp2((st - lse[None, :]) * LOG2E)
+                pt = tl.exp2(st - (lse * LOG2E)[None, :])
                 dv += _dot(pt.to(do.dtype), do, DOT_F32, IS_F32)
                 dpt = _dot(v, tl.trans(do), DOT_F32, IS_F32)
                 dst = pt * (dpt - delta[None, :])
                 dk += _dot(dst.to(q.dtype), q, DOT_F32, IS_F32)
         dk = dk * scale
+        gimg = koimg if LAYOUT == 0 else kimg
         g = koo if LAYOUT == 0 else koff
         kmask = kin[:, None] & dmask
-        tl.store(dk_ptr + h * HD + g[:, None] + d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kmask)
-        tl.store(dv_ptr + h * HD + g[:, None] + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kmask)
+        tl.store(_ptrs(dk_ptr + h * HD, gimg, g, d, G), dk.to(dk_ptr.dtype.element_ty), mask=kmask)
+        tl.store(_ptrs(dv_ptr + h * HD, gimg, g, d, G), dv.to(dv_ptr.dtype.element_ty), mask=kmask)
         if G > 1 and not SAFE:
             _flag_nonfinite(flag_ptr, prog, tl.sum(dk, 1) + tl.sum(dv, 1))
         if NEED_DPAD:
             pad_dk += tl.sum(tl.where(kpad[:, None], dk, 0.0), 0)
             pad_dv += tl.sum(tl.where(kpad[:, None], dv, 0.0), 0)
+        b, wr, wc = _next_window(b, wr, wc, n_win, n_ww, G, LAYOUT)
     if NEED_DPAD:
         redo = _redone(flag_ptr, prog, SAFE)
         tl.store(dpad_part_ptr + prog * 2 * HD_PAD + d, pad_dk, mask=redo)
@@ -599,10 +744,12 @@ def tile_config(window: tuple[int, int], head_dim: int, dtype: torch.dtype = tor
     Resources were read statically from cubins compiled for sm_90 at realistic launch shapes (B=128 on a
     132-SM grid, ``python -m esvit_kernels._triton.aot``; docs/kernel_notes.md has the tables):
 
-    * TILE 64 (windows up to 8x8): the whole tile in one block, several small windows packed per tile.
-    * TILE >= 128 (windows 9x9 to 16x16) in fp16/bf16 at head_dim <= 64: the whole tile, 16-row query
-      blocks (177-252 registers, 59-97 KB of shared memory, one block per SM, no spills); head dims below
-      32 are padded to 32 (at 16 the compiler spills 3-4 KB per thread in the backward).
+    * TILE 64 (windows up to 8x8): the whole tile in one block, several small windows packed per tile; in
+      half precision on 4 warps (one warpgroup), 2-3 programs per SM.
+    * TILE >= 128 (windows 9x9 to 16x16) in fp16/bf16 at head_dim <= 64: the forward and dK/dV take 64-row
+      blocks (4 warps) against 4 chunks of TILE // 4 keys (queries); dQ takes 16-row query blocks against
+      the whole tile (8 warps); head dims below 32 are padded to 32 (at 16 the compiler spills 3-4 KB per
+      thread in the backward).
     * TILE >= 128 in fp32 or at head_dim 128, and fp32 at head_dim > 32: the keys (forward, dQ) and queries
       (dK/dV) are walked in 4 chunks of TILE // 4. Whole, these tiles spill (72 B at head_dim 128 in bf16,
       up to 4 KB in fp32) and, double-buffered at head_dim 128 in fp32, need ~300 KB, more than a Hopper
@@ -623,25 +770,41 @@ def tile_config(window: tuple[int, int], head_dim: int, dtype: torch.dtype = tor
     small = tile if fused else 16
     # walk keys / queries in 4 chunks where a whole tile does not fit registers and shared memory: large
     # tiles in fp32 or at head_dim > 64, and fp32 at head_dim > 32 (whole 64-row fp32 tiles at head_dim 128
-    # spill up to 4 KB per thread in the backward; in chunks of 16: <= 8 B). Large half-precision tiles at
-    # head_dim <= 64 stay whole: on an H200 the kernels cost ~4 us per loop iteration whatever its size, and
-    # chunks of 64 keys against 16-row query blocks made Swin-B W14 4x more iterations (7.8 ms forward).
+    # spill up to 4 KB per thread in the backward; in chunks of 16: <= 8 B).
     fp32 = dtype == torch.float32
+    whole64 = tile <= 64 and not fp32  # the forward takes the whole 64-row tile as one query block
     chunked = (tile >= 128 and (fp32 or hd_pad >= 128)) or (fp32 and hd_pad >= 64)
     chunk = tile // 4 if chunked else tile
+    # large half-precision tiles at head_dim <= 64 (Swin W12/W14), chosen from the bytes: a 16-row query
+    # block re-reads the whole K/V tile (16 x per tile) and, being less than one warpgroup's M = 64, is
+    # computed by every warp alike (the logits of chained dots are laid out along M). The forward and dK/dV
+    # take 64-row blocks (one warpgroup, 4 warps) against 4 chunks of TILE / 4 keys (queries): 4 x per tile,
+    # no duplicated warps. dQ keeps 16-row blocks against the whole tile: its per-program dbias sums
+    # (BM x TILE fp32) at 64 rows need 128 registers per thread and spill.
+    big_half = tile >= 128 and not fp32 and hd_pad <= 64
     return {
         "N": n, "G": g, "TILE": tile, "FUSED": fused,
-        "BM_FWD": tile if tile <= 64 and dtype != torch.float32 else 16,
-        "BM_BWD": small, "BN_BWD": small,
-        "BK_FWD": chunk, "BK_BWD": chunk, "BQ_BWD": chunk,
+        "BM_FWD": tile if whole64 else 64 if big_half else 16,
+        "BM_BWD": small, "BN_BWD": 64 if big_half else small,
+        "BK_FWD": tile // 4 if big_half else chunk, "BK_BWD": chunk, "BQ_BWD": tile // 4 if big_half else chunk,
         "PRE_BIAS": tile <= 64 and not chunked,  # the bias block of the whole tile, kept in registers
         "HD_PAD": hd_pad,
-        "WARPS": 8,
-        "WARPS_BWD": 8,
-        # software pipelining depth: the fused backward is compute-heavy per tile, so it gets 1 stage
-        # (no spills, 17 KB shared on sm_90); the others get 2
-        "STAGES": 2,
+        # a whole 64-row half-precision tile is one warpgroup's MMA (M = 64): 4 warps. With 8, Triton lays
+        # the logits of chained dots out along M over both warpgroups (warpsPerCTA [8, 1]), so both compute
+        # the same 64 x 64 block: twice the softmax work and registers (issue 14; static, sm_90, Swin-T
+        # stage 1: 4 warps = 620 / 733 loop instructions per warp, 145 / 254 registers, 3 / 2 programs per
+        # SM for the forward / fused backward, against 586 / 638 per warp x 8 warps, 1 program for the
+        # backward at 8). Other tiles keep 8 warps.
+        "WARPS": 4 if whole64 or big_half else 8,
+        "WARPS_BWD": 4 if fused else 8,  # dQ and the fused backward
+        "WARPS_DKV": 4 if big_half else 8,
+        # software pipelining depth: 2 (the next tile's loads in flight), but 1 for the fused backward
+        # (at 4 warps and 2 stages it needs 255 registers and spills 40 B at Swin-T stage 1, 64 B with a
+        # mask; at 1 stage 254 registers, no spills) and for the 64-row blocks of large tiles (2 stages
+        # spill 40-336 B there)
+        "STAGES": 1 if big_half else 2,
         "STAGES_BWD": 1 if fused else 2,
+        "STAGES_DKV": 1 if big_half else 2,
     }
 
 
@@ -649,7 +812,7 @@ def launch_candidates(cfg: dict, kernel: str) -> list[dict]:
     """Launch options of one kernel (``fwd``, ``fused``, ``dq``, ``dkv``) in order of preference: the
     configuration of :func:`tile_config`, then one pipeline stage (K/V not double-buffered).
     :func:`.aot.launch` runs the first whose shared memory fits the device."""
-    stages = cfg["STAGES"] if kernel == "fwd" else cfg["STAGES_BWD"]
+    stages = {"fwd": cfg["STAGES"], "dkv": cfg["STAGES_DKV"]}.get(kernel, cfg["STAGES_BWD"])
     chunk = {"fwd": {"BK": cfg["BK_FWD"]}, "dq": {"BK": cfg["BK_BWD"]}, "dkv": {"BQ": cfg["BQ_BWD"]}}.get(kernel, {})
     out = [{"num_stages": stages, **chunk}]
     if stages > 1:
@@ -784,7 +947,7 @@ def _forward(pb: _Problem, out: torch.Tensor, lse: torch.Tensor) -> None:
     cfg = pb.cfg
     nq = cfg["TILE"] // cfg["BM_FWD"]
     chunks, tpp = _chunking(pb.n_tiles, pb.heads * nq, pb.q.device, waves=8)
-    _launch_passes(_fwd_kernel, (chunks, pb.heads, nq), (*pb.ptrs(), out, lse), pb, tpp,
+    _launch_passes(_fwd_kernel, (pb.heads, chunks, nq), (*pb.ptrs(), out, lse), pb, tpp,
                    launch_candidates(cfg, "fwd"), BM=cfg["BM_FWD"], num_warps=cfg["WARPS"], **pb.consts())
 
 
@@ -803,17 +966,23 @@ def _backward(pb: _Problem, out, dout, lse, dq, dk, dv, need_dbias: bool, need_d
     tile = cfg["TILE"]
     dbias_part = torch.empty(chunks, pb.heads, tile, tile, device=dev, dtype=f32) if need_dbias else lse
     dpad_part = torch.empty(chunks * pb.heads * nk, 2, cfg["HD_PAD"], device=dev, dtype=f32) if need_dpad else lse
-    consts = pb.consts(NEED_DPAD=need_dpad, num_warps=cfg["WARPS_BWD"])
+    warps = cfg["WARPS_BWD"]
+    if cfg["FUSED"] and (pb.pad is not None or pb.mask is not None):
+        # a padding vector or a user mask adds live values: at 4 warps the fused backward spills 32-72 B
+        # (static, sm_90, several tiles per program), at 8 it does not
+        warps = 8
+    consts = pb.consts(NEED_DPAD=need_dpad, num_warps=warps)
     if cfg["FUSED"]:
-        _launch_passes(_bwd_fused_kernel, (chunks, pb.heads), (*pb.ptrs(), out, dout, lse, dq, dk, dv, dbias_part,
+        _launch_passes(_bwd_fused_kernel, (pb.heads, chunks), (*pb.ptrs(), out, dout, lse, dq, dk, dv, dbias_part,
                        dpad_part), pb, tpp, launch_candidates(cfg, "fused"), NEED_DBIAS=need_dbias, **consts)
     else:
         delta = torch.empty_like(lse)
         consts.pop("NEED_DPAD")
-        _launch_passes(_bwd_dq_kernel, (chunks, pb.heads, nq), (*pb.ptrs(), out, dout, lse, delta, dq, dbias_part),
+        _launch_passes(_bwd_dq_kernel, (pb.heads, chunks, nq), (*pb.ptrs(), out, dout, lse, delta, dq, dbias_part),
                        pb, tpp, launch_candidates(cfg, "dq"), BM=cfg["BM_BWD"], NEED_DBIAS=need_dbias, **consts)
-        _launch_passes(_bwd_dkv_kernel, (chunks, pb.heads, nk), (*pb.ptrs(), dout, lse, delta, dk, dv, dpad_part),
-                       pb, tpp, launch_candidates(cfg, "dkv"), BN=cfg["BN_BWD"], NEED_DPAD=need_dpad, **consts)
+        _launch_passes(_bwd_dkv_kernel, (pb.heads, chunks, nk), (*pb.ptrs(), dout, lse, delta, dk, dv, dpad_part),
+                       pb, tpp, launch_candidates(cfg, "dkv"), BN=cfg["BN_BWD"], NEED_DPAD=need_dpad,
+                       **dict(consts, num_warps=cfg["WARPS_DKV"]))
     dbias = _reduce_dbias(dbias_part, pb.window, cfg["G"], tile) if need_dbias else lse.new_empty(0)
     dpad = (dpad_part.view(chunks, pb.heads, nk, 2, cfg["HD_PAD"]).sum((0, 2))[..., :pb.hd]
             if need_dpad else None)
@@ -825,9 +994,21 @@ def _on_device(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
+def _check_offsets(*tensors: torch.Tensor) -> None:
+    """The kernels address a row inside one image (map layout) or one window (windows layout) with int32
+    offsets and add the image's or window's base in int64: each tensor's extent past its first dimension
+    must stay below 2^31 elements (a batch may be as large as memory allows)."""
+    for t in tensors:
+        extent = sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) + 1
+        if extent >= 2**31:
+            raise ValueError(f"one sample of a {tuple(t.shape)} tensor spans {extent} elements: the Triton window "
+                             "attention kernels address inside a sample with int32 offsets (< 2^31)")
+
+
 def _map_problem(qkv, bias_table, pad_qkv, num_heads, window, shift, scale, roll_before_pad, out) -> _Problem:
     b, h, w, c3 = qkv.shape
     c = c3 // 3
+    _check_offsets(qkv, out)
     wh, ww = window
     hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
     n_ww = wp // ww
@@ -868,6 +1049,7 @@ def _windows_problem(q, k, v, bias_table, mask, window, scale, out) -> _Problem:
     if not (q.stride() == k.stride() == v.stride()):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     bw, heads, _, hd = q.shape
+    _check_offsets(q, k, v, out)
     return _Problem(
         layout=0, q=q, k=k, v=v, heads=heads, hd=hd, window=tuple(window), shift=(0, 0), scale=scale, nw_tot=bw,
         geo=(1, 1, 0, 0, 0, 0, 0), in_strides=(q.stride(0), q.stride(1), q.stride(2), 0),
@@ -900,6 +1082,36 @@ def wa_backward(dout, q, k, v, out, lse, bias_table, mask, window, scale, need_d
 
 
 # ----------------------------------------------------------------------------------------- AOT cases
+
+
+def launch_counts(rec: aot.Launch) -> aot.LaunchCounts | None:
+    """Bytes at the floor, hot-loop iterations and dot FLOPs of one recorded launch (for ``aot --model``).
+    None for a SAFE pass, which does no work unless the first pass saw a non-finite value."""
+    a = dict(zip(rec.kernel.arg_names, rec.args), **rec.kwargs)
+    if a["SAFE"]:
+        return None
+    heads, hd, n, tile, hd_pad = a["HEADS"], a["HD"], a["N"], a["TILE"], a["HD_PAD"]
+    nw_tot = a["NW_TOT"]
+    tokens = nw_tot * n if a["LAYOUT"] == 0 else nw_tot // a["n_win"] * a["H"] * a["W"]
+    row = tokens * heads * hd * a["q_ptr"].element_size()  # one (tokens, C) tensor: q, k, v, out, dout, ...
+    lse = nw_tot * heads * n * 4
+    programs = math.prod(rec.grid)  # grid (heads, chunks, blocks): each (head, block) walks every tile once
+    iters = programs // rec.grid[1] * -(-nw_tot // a["G"])
+    dbias = a["dbias_part_ptr"].numel() * 4 if a.get("NEED_DBIAS") else 0
+    name = rec.name
+    if name == "_fwd_kernel":  # q, k, v in; out, lse out
+        nbytes, iters, flops = 4 * row + lse, iters * (tile // a["BK"]), 4 * a["BM"] * a["BK"] * hd_pad
+    elif name == "_bwd_fused_kernel":  # q, k, v, out, dout, lse in; dq, dk, dv, dbias partial sums out
+        nbytes, flops = 8 * row + lse + dbias, 10 * tile * tile * hd_pad
+    elif name == "_bwd_dq_kernel":  # q, k, v, out, dout, lse in; dq, delta, dbias partial sums out
+        nbytes, iters, flops = 6 * row + 2 * lse + dbias, iters * (tile // a["BK"]), 6 * a["BM"] * a["BK"] * hd_pad
+    elif name == "_bwd_dkv_kernel":  # q, k, v, dout, lse, delta in; dk, dv out
+        nbytes, iters, flops = 6 * row + 2 * lse, iters * (tile // a["BQ"]), 8 * a["BN"] * a["BQ"] * hd_pad
+    else:
+        return None
+    return aot.LaunchCounts(bytes=nbytes, loop_iterations=iters, programs=programs, flops=iters * flops,
+                            tensor_cores=not a["IS_F32"])
+
 
 
 def _aot_map_case(b, h, w, heads, hd, ws, ss, rbp=False, pad=True, alloc=torch.randn):
@@ -963,7 +1175,8 @@ def aot_cases() -> dict:
                     out[name] = AotCase(_aot_map_case(b, h, w, heads, hd, (ws, ws), (ss, ss), pad=False,
                                                       alloc=torch.empty),
                                         batch, ws, hd, realistic=True,
-                                        ci=batch == 128 and (model, stage, window) in ci_stages)
+                                        ci=batch == 128 and (model, stage, window) in ci_stages,
+                                        model=batch == 128)
     for hd in (16, 64, 128):
         for window in (7, 14):
             for stage in (1, 3):
