@@ -89,3 +89,18 @@ def test_summary_and_paired_differences():
     assert paired(variants, "view+region", "missing") is None
     table = format_table({"variants": variants, "num_val": 300, "correspondence_chance": 6.25})
     assert "+10.0 +11.0 +3.0" in table and "52.0 +- 2.0" in table and math.isfinite(stats["view"]["linear_top1"][1])
+
+
+def test_ablate_jobs_runs_pretrainings_side_by_side(tmp_path, capsys):
+    out = tmp_path / "abl"
+    assert main(["ablate", "--output", str(out), "--seeds", "1", "--jobs", "2", "--device", "cpu", "--backend",
+                 "torch", "--probe-epochs", "2", "--corr-images", "4", "--num-workers", "0", "--no-progress",
+                 *TOY]) == 0
+    result = json.loads((out / "ablation.json").read_text())
+    assert [(v["name"], [r["seed"] for r in v["runs"]]) for v in result["variants"]] == \
+        [("view", [0]), ("view+region", [0]), ("random", [0])]
+    for v in ("view", "view+region"):  # each child's output is kept with its run
+        assert "epoch 1/1" in (out / "runs" / v / "seed0" / "pretrain.out").read_text()
+        assert (out / "runs" / v / "seed0" / "checkpoint.pth").exists()
+    assert main(["ablate", "--output", str(tmp_path / "y"), "--jobs", "0"]) != 0
+    assert "--jobs >= 1" in capsys.readouterr().err

@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
                    default=["view", "view+region", "random"],
                    help="comma-separated subset of view,view+region,random (default all three)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="pretrainings run side by side as child processes, each with cpu_count / jobs threads "
+                        "(default 1: one after the other in this process)")
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--backend", choices=("auto", "triton", "cuda", "torch"), default="auto",
                    help="kernel backend of pretraining and evaluation (default auto)")
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.val_fraction < 1 or args.probe_epochs < 1 or args.corr_images < 1:
         raise ConfigError("--val-fraction must be in (0, 1), --probe-epochs and --corr-images >= 1")
-    if args.num_workers < 0:
-        raise ConfigError("--num-workers must be >= 0")
+    if args.num_workers < 0 or args.jobs < 1:
+        raise ConfigError("--num-workers must be >= 0 and --jobs >= 1")
     run_ablation(args)
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from ..checkpoint import atomic_write
 from ..config import load_config, validate
 from ..data.synthetic import make_dataset
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from .demo import REPO_CONFIGS, evaluate_pair
 from .model import EvalModel, load_eval_model, token_grid
 
@@ -89,16 +90,40 @@ def _fingerprint(cfg: dict, run: AblationRun, probe_epochs: int) -> dict:
     return {"variant": run.variant, "seed": run.seed, "config": keep, "probe_epochs": probe_epochs}
 
 
+def _pretrain_argv(run: AblationRun, args: argparse.Namespace, data: Path) -> list[str]:
+    return ["--config", args.config, "--data", str(data), "--output", str(run.directory), "--device", args.device,
+            "--backend", args.backend, "--seed", str(run.seed), "--no-progress", *args.overrides, *run.overrides]
+
+
 def _pretrain(run: AblationRun, args: argparse.Namespace, data: Path) -> float:
-    """``esvit pretrain`` of one run (resumes an unfinished one); returns its wall time in seconds."""
+    """``esvit pretrain`` of one run in this process (resumes an unfinished one); returns its wall time (s)."""
     from ..commands import pretrain as pretrain_cmd
 
     p = argparse.ArgumentParser(prog="esvit pretrain")
     pretrain_cmd.add_arguments(p)
-    argv = ["--config", args.config, "--data", str(data), "--output", str(run.directory), "--device", args.device,
-            "--backend", args.backend, "--seed", str(run.seed), "--no-progress", *args.overrides, *run.overrides]
     tic = time.perf_counter()
-    pretrain_cmd.run(p.parse_args(argv))
+    pretrain_cmd.run(p.parse_args(_pretrain_argv(run, args, data)))
+    return time.perf_counter() - tic
+
+
+def _pretrain_subprocess(run: AblationRun, args: argparse.Namespace, data: Path, threads: int) -> float:
+    """The same in a child ``python -m esvit pretrain`` with ``threads`` threads, its output in
+    ``pretrain.out`` of the run; returns its wall time (s)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
+    log = run.directory / "pretrain.out"
+    tic = time.perf_counter()
+    with open(log, "w") as f:
+        code = subprocess.run([sys.executable, "-m", "esvit", "pretrain", *_pretrain_argv(run, args, data)],
+                              stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0:
+        tail = log.read_text().strip().splitlines()[-3:]
+        raise TrainingError(f"pretraining {run.variant} seed {run.seed} failed (exit {code}; {log}): "
+                            + " / ".join(tail))
     return time.perf_counter() - tic
 
 
@@ -211,10 +236,9 @@ def run_ablation(args: argparse.Namespace) -> dict:
     make_dataset(out / "data", d["embedded_images"], d["embedded_classes"], val_fraction=args.val_fraction,
                  image_size=d["embedded_image_size"], seed=0, kind=d["embedded_kind"], progress=not args.no_progress)
 
-    results: dict[str, list[dict]] = {v: [] for v in args.variants}
-    bar = tqdm(runs, desc="ablation", unit="run", disable=True if args.no_progress else None, leave=False)
-    for run, cfg in zip(bar, configs):
-        bar.set_postfix_str(f"{run.variant} seed {run.seed}")
+    results: dict[tuple[str, int], dict] = {}
+    pending: list[tuple[AblationRun, dict, dict]] = []
+    for run, cfg in zip(runs, configs):
         done = run.directory / "result.json"
         fp = _fingerprint(cfg, run, args.probe_epochs)
         if done.exists():
@@ -223,23 +247,46 @@ def run_ablation(args: argparse.Namespace) -> dict:
                 raise ConfigError(f"{done} was made with another configuration; use another --output, or delete "
                                   f"{run.directory} to redo that run")
             print(f"{run.variant:12} seed {run.seed}: finished earlier ({done}), skipped", flush=True)
-            results[run.variant].append(old["result"])
-            continue
+            results[run.variant, run.seed] = old["result"]
+        else:
+            pending.append((run, cfg, fp))
+
+    def finish(run: AblationRun, cfg: dict, fp: dict, pre_s: float) -> None:
+        res = _evaluate(run, cfg, args, out / "data", device) | {"pretrain_time_s": pre_s}
+        print(f"{run.variant:12} seed {run.seed}: k-NN {res['knn_top1']:.1f}  linear {res['linear_top1']:.1f}  "
+              f"correspondence {res['correspondence']:.1f}", flush=True)
+        _write_json(run.directory / "result.json", {"fingerprint": fp, "result": res})
+        results[run.variant, run.seed] = res
+        bar.update(1)
+
+    bar = tqdm(total=len(pending), desc="ablation", unit="run", disable=True if args.no_progress else None,
+               leave=False)
+    for run, _, _ in pending:
         run.directory.mkdir(parents=True, exist_ok=True)
         print(f"{run.variant:12} seed {run.seed}: "
               + ("pretraining " + " ".join(run.overrides + [f"train.seed={run.seed}"]) if run.trained
                  else "random init"), flush=True)
-        pre_s = _pretrain(run, args, out / "data") if run.trained else 0.0
-        res = _evaluate(run, cfg, args, out / "data", device) | {"pretrain_time_s": pre_s}
-        print(f"{run.variant:12} seed {run.seed}: k-NN {res['knn_top1']:.1f}  linear {res['linear_top1']:.1f}  "
-              f"correspondence {res['correspondence']:.1f}", flush=True)
-        _write_json(done, {"fingerprint": fp, "result": res})
-        results[run.variant].append(res)
-    bar.close()
+    if args.jobs > 1:  # pretrainings side by side in child processes, evaluated here as each one ends
+        from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    first = next(r for rs in results.values() for r in rs)
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = {pool.submit(_pretrain_subprocess, run, args, out / "data", threads): (run, cfg, fp)
+                       for run, cfg, fp in pending if run.trained}
+            for run, cfg, fp in pending:
+                if not run.trained:
+                    finish(run, cfg, fp, 0.0)
+            for future in as_completed(futures):
+                finish(*futures[future], future.result())
+    else:
+        for run, cfg, fp in pending:
+            finish(run, cfg, fp, _pretrain(run, args, out / "data") if run.trained else 0.0)
+    bar.close()
+    results_by = {v: [results[v, s] for s in range(args.seeds)] for v in args.variants}
+
+    first = results_by[args.variants[0]][0]
     tokens = _final_tokens(base)
-    result = {"variants": [{"name": v, "runs": results[v]} for v in args.variants],
+    result = {"variants": [{"name": v, "runs": results_by[v]} for v in args.variants],
               "config": str(args.config), "overrides": list(args.overrides), "arch": base["model"]["arch"],
               "crop_size": d["global_crop_size"], "epochs": base["optim"]["epochs"],
               "loss_weights": {"view": {"view_weight": 1.0, "region_weight": 0.0},
