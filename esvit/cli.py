@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "viz-correspondence": "esvit.commands.viz_correspondence",
     "viz-attention": "esvit.commands.viz_attention",
     "demo": "esvit.commands.demo",
+    "ablate": "esvit.commands.ablate",
 }
 
 

@@ -60,8 +60,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "use_bn": Field(False, "BatchNorm in the heads' MLP"),
     },
     "loss": {
-        "view_weight": Field(0.5, "weight w_v of the view loss L_V (> 0)"),
-        "region_weight": Field(0.5, "weight w_r of the region loss L_R; 0 trains 'V only' (no region head)"),
+        "view_weight": Field(0.5, "weight w_v of the view loss L_V (> 0); ignored (1.0) when region_weight is 0"),
+        "region_weight": Field(0.5, "weight w_r of the region loss L_R; 0 trains 'V only' (no region head) with "
+                                    "the official view-only loss, view_weight 1.0"),
         "student_temp": Field(0.1, "student temperature"),
         "warmup_teacher_temp": Field(0.04, "teacher temperature at epoch 0"),
         "teacher_temp": Field(0.07, "teacher temperature after the warmup"),
@@ -305,6 +306,8 @@ def validate(cfg: dict) -> dict:
         _check(h[k] >= 1, f"head.{k} must be >= 1, got {h[k]}")
     _check(lo["view_weight"] > 0, f"loss.view_weight must be > 0, got {lo['view_weight']}")
     _check(lo["region_weight"] >= 0, f"loss.region_weight must be >= 0, got {lo['region_weight']}")
+    if lo["region_weight"] == 0:  # 'V only' is the official DINO loss at full weight, however it is asked for
+        lo["view_weight"] = 1.0
     for k in ("student_temp", "warmup_teacher_temp", "teacher_temp"):
         _check(lo[k] > 0, f"loss.{k} must be > 0, got {lo[k]}")
     _check(0 <= lo["center_momentum"] < 1, "loss.center_momentum must be in [0, 1)")

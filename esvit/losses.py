@@ -3,7 +3,8 @@
 Per (teacher view t, student crop v != t) pair the official ``DDINOLoss`` adds 0.5 * view CE + 0.5 *
 region CE (each a batch mean), sums over pairs and divides by the number of pairs. Both
 :func:`esvit_kernels.dino_loss` and :func:`esvit_kernels.multi_region_loss` already average over the
-pairs, so ``w_v * L_V + w_r * L_R`` is exactly that with ``w_v = w_r = 0.5`` (the defaults).
+pairs, so ``w_v * L_V + w_r * L_R`` is exactly that with ``w_v = w_r = 0.5`` (the defaults). With
+``w_r = 0`` the loss is the official view-only ``DINOLoss``, ``L_V`` at weight 1 whatever ``w_v`` says.
 
 Region matching uses the L2-normalised *backbone* region tokens (after the final LayerNorm), not the head
 outputs. Centers: the view center is the EMA (momentum 0.9) of the mean of the teacher's 2B global-crop
@@ -45,7 +46,8 @@ class EsViTLoss(nn.Module):
         super().__init__()
         if view_weight <= 0 or region_weight < 0:
             raise ValueError(f"need view_weight > 0 and region_weight >= 0, got {view_weight}, {region_weight}")
-        self.view_weight, self.region_weight = float(view_weight), float(region_weight)
+        self.region_weight = float(region_weight)
+        self.view_weight = float(view_weight) if region_weight > 0 else 1.0  # 'V only': the official DINO loss
         self.student_temp, self.center_momentum = float(student_temp), float(center_momentum)
         self.backend = backend
         self.register_buffer("center", torch.zeros(1, out_dim))

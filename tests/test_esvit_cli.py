@@ -127,6 +127,29 @@ def test_every_preset_validates():
         validate(load_config(p))
 
 
+def test_view_only_is_the_official_loss_however_asked(tmp_path):
+    """region_weight 0 -- as an override of a 0.8 / 0.2 preset, in a YAML, or with a view_weight of its own --
+    trains the official view-only loss (view_weight 1.0); the *_v.yaml presets say the same."""
+    from esvit.config import load_config, validate
+    from esvit.train import Trainer
+
+    demo = REPO / "configs" / "demo_cpu.yaml"
+    assert validate(load_config(demo))["loss"]["view_weight"] != 1.0  # the override below has work to do
+    yaml_v = tmp_path / "v.yaml"
+    yaml_v.write_text(f"base: {demo}\nloss:\n  view_weight: 0.3\n  region_weight: 0\n")
+    for cfg in (validate(load_config(demo, ["loss.region_weight=0"])), validate(load_config(yaml_v)),
+                validate(load_config(None, ["loss.region_weight=0.0", "loss.view_weight=0.5"])),
+                validate(load_config(REPO / "configs" / "swin_tiny_w7_v.yaml"))):
+        assert (cfg["loss"]["view_weight"], cfg["loss"]["region_weight"]) == (1.0, 0.0)
+    cfg = validate(load_config(demo, ["loss.region_weight=0", "head.out_dim=16", "head.hidden_dim=8",
+                                      "head.bottleneck_dim=4"]))
+    cfg["loss"]["view_weight"] = 0.5  # a config dict built by hand: the loss itself applies the rule too
+    trainer = Trainer(cfg, steps_per_epoch=1)
+    assert trainer.loss.view_weight == 1.0 and not trainer.loss.use_region
+    assert validate(load_config(demo, ["loss.region_weight=0.5", "loss.view_weight=0.5"]))["loss"]["view_weight"] \
+        == 0.5
+
+
 _KILL_DURING_SAVE = textwrap.dedent("""
     import io, sys, time, torch
     save = torch.save

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import yaml
 from PIL import Image
 
 from esvit.cli import main
@@ -23,10 +24,12 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "EsViT demo report" in text and "k-NN top-1, k=20" in text and "correspondence accuracy" in text
+    assert "view only" in text and "L_R (pretrained = view + region loss" in text and "esvit ablate" in text
     report = json.loads((out / "report.json").read_text())
     assert report["arch"] == "swin_micro_conv" and report["crop_size"] == 32 and report["backend"] == "torch"
     assert report["epochs"] == 1 and report["wall_time_s"] >= report["pretrain_time_s"] > 0
-    for name in ("pretrained", "random_init"):
+    assert list(report["results"]) == ["pretrained", "view_only", "random_init"]
+    for name in report["results"]:
         res = report["results"][name]
         assert [e["k"] for e in res["knn"]] == [10, 20, 100, 200]
         assert res["num_train"] == 32 and res["num_val"] == 8 and res["correspondence_images"] == 8
@@ -37,9 +40,13 @@ def test_demo_end_to_end(tmp_path, capsys):
         with Image.open(pic) as im:
             assert im.format == "PNG" and im.size[0] > 100
     assert (out / "pretrain" / "checkpoint.pth").exists() and (out / "data" / "val").is_dir()
+    view = yaml.safe_load((out / "pretrain_view" / "config.yaml").read_text())["loss"]  # the quick L_R ablation
+    assert (view["view_weight"], view["region_weight"]) == (1.0, 0.0)
     # a second run reuses the data and the finished pretraining
     assert main(args) == 0
-    assert "already holds all 1 epochs" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("already holds all 1 epochs") == 2
+    assert main([*args, "--no-ablation"]) == 0
+    assert "view_only" not in json.loads((out / "report.json").read_text())["results"]
 
 
 def test_knn_verdict_needs_a_significant_difference():

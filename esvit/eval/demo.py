@@ -44,6 +44,7 @@ class DemoPlan:
     val_fraction: float
     kind: str
     notes: list[str] = field(default_factory=list)
+    view_args: list[str] | None = None  # the quick L_R ablation's view-only `esvit pretrain` (None: skipped)
 
 
 def default_config_path(cuda: bool) -> tuple[Path, list[str], list[str]]:
@@ -69,14 +70,20 @@ def plan_demo(args: argparse.Namespace, out: Path, cuda: bool) -> DemoPlan:
     overrides = [*overrides, *args.overrides]
     cfg = validate(load_config(path, overrides))
     d = cfg["data"]
-    pre = ["--config", str(path), "--data", str(out / "data"), "--output", str(out / "pretrain"),
-           "--device", args.device, "--backend", args.backend, *overrides]
-    if args.epochs is not None:
-        pre += ["--epochs", str(args.epochs)]
+    flags = ["--epochs", str(args.epochs)] if args.epochs is not None else []
     if args.no_progress:
-        pre.append("--no-progress")
+        flags.append("--no-progress")
+
+    def pretrain_args(output: str, extra: list[str]) -> list[str]:
+        return ["--config", str(path), "--data", str(out / "data"), "--output", str(out / output),
+                "--device", args.device, "--backend", args.backend, *overrides, *extra, *flags]
+
+    pre = pretrain_args("pretrain", [])
+    view = None
+    if cfg["loss"]["region_weight"] > 0 and not args.no_ablation:  # the same run without L_R
+        view = pretrain_args("pretrain_view", ["loss.region_weight=0"])
     return DemoPlan(path, pre, d["embedded_images"], d["embedded_classes"], d["embedded_image_size"],
-                    args.val_fraction, d["embedded_kind"], notes)
+                    args.val_fraction, d["embedded_kind"], notes, view)
 
 
 def generate_data(plan: DemoPlan, root: Path, progress: bool) -> dict:
@@ -140,9 +147,14 @@ def format_report(report: dict) -> str:
     """The demo's closing summary."""
     res = report["results"]
     p, r = res["pretrained"], res["random_init"]
+    cols = [("pretrained", "pretrained")] + ([("view_only", "view only")] if "view_only" in res else []) \
+        + [("random_init", "random init")]
 
     def knn20(x: dict) -> float:
         return next(e["top1"] for e in x["knn"] if e["k"] == 20)
+
+    def row(label: str, value, note: str = "") -> str:
+        return f"{label:34}" + "".join(f" {value(res[k]):>12.1f}" for k, _ in cols) + note
 
     chance = 100.0 / p["num_classes"]
     lines = [
@@ -151,15 +163,19 @@ def format_report(report: dict) -> str:
         f"EsViT demo report  ({report['arch']} at {report['crop_size']} px, {report['epochs']} epochs on "
         f"{p['num_train']} generated images, {p['num_classes']} classes; {report['device']})",
         "-" * 78,
-        f"{'':34} {'pretrained':>12} {'random init':>12}",
-        f"{'k-NN top-1, k=20 (%)':34} {knn20(p):>12.1f} {knn20(r):>12.1f}   (chance {chance:.1f})",
-        f"{'linear probe top-1, best (%)':34} {p['linear']['top1']:>12.1f} {r['linear']['top1']:>12.1f}",
-        f"{'correspondence accuracy (%)':34} {100 * p['correspondence']:>12.1f} {100 * r['correspondence']:>12.1f}"
-        f"   (chance {100 / report['tokens']:.1f}; {p['correspondence_images']} val images, flip + jitter)",
+        f"{'':34}" + "".join(f" {name:>12}" for _, name in cols),
+        row("k-NN top-1, k=20 (%)", knn20, f"   (chance {chance:.1f})"),
+        row("linear probe top-1, best (%)", lambda x: x["linear"]["top1"]),
+        row("correspondence accuracy (%)", lambda x: 100 * x["correspondence"],
+            f"   (chance {100 / report['tokens']:.1f}; {p['correspondence_images']} val images, flip + jitter)"),
         "-" * 78,
         f"k-NN pretrained vs random init (k=20): {knn_verdict(knn20(p), knn20(r), p['num_val'])}",
         f"backend: window attention {report['backend']}, losses {report['loss_backend']}; "
         f"wall time {report['wall_time_s']:.0f} s (pretraining {report['pretrain_time_s']:.0f} s)",
+        *([f"L_R (pretrained = view + region loss {report['loss_weights']} vs view only, one seed): k-NN "
+           f"{knn20(p) - knn20(res['view_only']):+.1f}, correspondence "
+           f"{100 * (p['correspondence'] - res['view_only']['correspondence']):+.1f} points; over seeds: "
+           f"esvit ablate --config {report['config']} --output DIR"] if "view_only" in res else []),
         f"pictures: {', '.join(report['pictures'])}",
         f"report:   {report['report_path']}",
         "=" * 78,
@@ -197,13 +213,22 @@ def run_demo(args: argparse.Namespace) -> dict:
     cfg = pretrain_cmd.build_config(pre_args)
     t_pre = time.perf_counter()
     pretrain_cmd.run(pre_args)
-    pretrain_s = time.perf_counter() - t_pre
     ckpt = out / "pretrain" / "checkpoint.pth"
+    models = {"pretrained": load_eval_model(ckpt, backend=args.backend, device=device)}
+    if plan.view_args is not None:
+        print(f"[2/4] quick L_R ablation, the same without the region loss: esvit pretrain "
+              f"{' '.join(plan.view_args)}", flush=True)
+        if args.fresh and (out / "pretrain_view").exists():
+            shutil.rmtree(out / "pretrain_view")
+        pretrain_cmd.run(p.parse_args(plan.view_args))
+        models["view_only"] = load_eval_model(out / "pretrain_view" / "checkpoint.pth", backend=args.backend,
+                                              device=device)
+    pretrain_s = time.perf_counter() - t_pre
 
-    print("[3/4] evaluation: k-NN, linear probe and correspondence, pretrained teacher vs random init", flush=True)
-    models = {"pretrained": load_eval_model(ckpt, backend=args.backend, device=device),
-              "random_init": load_eval_model(ckpt, random_init=True, backend=args.backend, device=device,
-                                             seed=args.seed)}
+    print(f"[3/4] evaluation: k-NN, linear probe and correspondence, pretrained teacher"
+          f"{' (view + region, view only)' if plan.view_args else ''} vs random init", flush=True)
+    models["random_init"] = load_eval_model(ckpt, random_init=True, backend=args.backend, device=device,
+                                            seed=args.seed)
     results = evaluate_pair(models, out / "data", device, num_workers=args.num_workers, progress=progress,
                             probe_epochs=args.probe_epochs)
     for name, res in results.items():
@@ -218,6 +243,8 @@ def run_demo(args: argparse.Namespace) -> dict:
     pictures = []
     tokens = 0
     for name, m in models.items():
+        if name == "view_only":
+            continue
         corr = match_regions(m.backbone, x, view)[0]
         tokens = corr.grid[0] * corr.grid[1]
         path = out / f"correspondence_{'random' if name == 'random_init' else name}.png"
@@ -235,7 +262,8 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     report = {"arch": pm.arch, "crop_size": pm.crop_size, "epochs": cfg["optim"]["epochs"],
               "config": str(plan.config_path), "device": str(device), "backend": pm.backend,
-              "loss_backend": _loss_backend(cfg, device), "tokens": tokens, "results": results,
+              "loss_backend": _loss_backend(cfg, device), "tokens": tokens,
+              "loss_weights": f"{cfg['loss']['view_weight']:g} / {cfg['loss']['region_weight']:g}", "results": results,
               "pictures": pictures, "pretrain_time_s": pretrain_s, "wall_time_s": time.perf_counter() - tic,
               "report_path": str(out / "report.json"), "checkpoint": str(ckpt),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
