@@ -68,6 +68,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "teacher_temp": Field(0.07, "teacher temperature after the warmup"),
         "warmup_teacher_temp_epochs": Field(30, "epochs of linear teacher-temperature warmup"),
         "center_momentum": Field(0.9, "EMA momentum of the two centers"),
+        "region_teacher_temp": Field(None, "constant teacher temperature of the region targets; null (official): "
+                                           "the view's schedule", "opt_float"),
+        "region_center_momentum": Field(None, "EMA momentum of the region center; null (official): "
+                                              "center_momentum", "opt_float"),
         "backend": Field("auto", "loss kernels: auto | triton | torch"),
     },
     "data": {
@@ -311,6 +315,9 @@ def validate(cfg: dict) -> dict:
     for k in ("student_temp", "warmup_teacher_temp", "teacher_temp"):
         _check(lo[k] > 0, f"loss.{k} must be > 0, got {lo[k]}")
     _check(0 <= lo["center_momentum"] < 1, "loss.center_momentum must be in [0, 1)")
+    _check(lo["region_teacher_temp"] is None or lo["region_teacher_temp"] > 0, "loss.region_teacher_temp must be > 0")
+    _check(lo["region_center_momentum"] is None or 0 <= lo["region_center_momentum"] < 1,
+           "loss.region_center_momentum must be in [0, 1)")
     _check(lo["warmup_teacher_temp_epochs"] >= 0, "loss.warmup_teacher_temp_epochs must be >= 0")
     patch = min_crop_size(m["arch"], m["patch_size"])
     for k in ("global_crop_size", "local_crop_size"):

@@ -41,7 +41,8 @@ class EsViTLoss(nn.Module):
 
     def __init__(
         self, out_dim: int, *, view_weight: float = 0.5, region_weight: float = 0.5, student_temp: float = 0.1,
-        center_momentum: float = 0.9, backend: str = "auto",
+        center_momentum: float = 0.9, backend: str = "auto", region_teacher_temp: float | None = None,
+        region_center_momentum: float | None = None,
     ) -> None:
         super().__init__()
         if view_weight <= 0 or region_weight < 0:
@@ -50,6 +51,10 @@ class EsViTLoss(nn.Module):
         self.view_weight = float(view_weight) if region_weight > 0 else 1.0  # 'V only': the official DINO loss
         self.student_temp, self.center_momentum = float(student_temp), float(center_momentum)
         self.backend = backend
+        # not in the official recipe (None: the region targets share the view's temperature and centre momentum)
+        self.region_teacher_temp = None if region_teacher_temp is None else float(region_teacher_temp)
+        self.region_center_momentum = self.center_momentum if region_center_momentum is None \
+            else float(region_center_momentum)
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("region_center", torch.zeros(1, out_dim))
 
@@ -69,6 +74,8 @@ class EsViTLoss(nn.Module):
                 raise ValueError("region_weight > 0 needs region-head outputs from student and teacher")
             if len(teacher.region_logits) != 1:
                 raise ValueError("the teacher's crops must all have one resolution")
+            if self.region_teacher_temp is not None:
+                kw = kw | {"teacher_temp": self.region_teacher_temp}
             region, region_mean = esvit_kernels.multi_region_loss(
                 student.region_logits, student.region_feats, teacher.region_logits[0], teacher.region_feats[0],
                 self.region_center, return_teacher_mean=True, **kw,
@@ -84,7 +91,8 @@ class EsViTLoss(nn.Module):
         m = self.center_momentum
         self.center = self.center * m + _rank_mean(view_mean) * (1 - m)
         if region_mean is not None:
-            self.region_center = self.region_center * m + _rank_mean(region_mean) * (1 - m)
+            r = self.region_center_momentum
+            self.region_center = self.region_center * r + _rank_mean(region_mean) * (1 - r)
 
 
 def _rank_mean(mean: torch.Tensor) -> torch.Tensor:

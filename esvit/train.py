@@ -156,7 +156,9 @@ class Trainer:
 
         self.loss = EsViTLoss(head.last_layer.weight_v.shape[0], view_weight=lo["view_weight"],
                               region_weight=lo["region_weight"], student_temp=lo["student_temp"],
-                              center_momentum=lo["center_momentum"], backend=lo["backend"]).to(self.device)
+                              center_momentum=lo["center_momentum"], backend=lo["backend"],
+                              region_teacher_temp=lo["region_teacher_temp"],
+                              region_center_momentum=lo["region_center_momentum"]).to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(student))
         self.amp_dtype = _AMP[t["precision"]]
         self.scaler = torch.amp.GradScaler(self.device.type) if t["precision"] == "fp16" else None

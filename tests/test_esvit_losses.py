@@ -97,6 +97,23 @@ def test_combined_loss_and_centers_match_official():
     torch.testing.assert_close(loss.region_center, want_g)
 
 
+def test_region_teacher_temp_and_center_momentum():
+    """The demo-scale options: a separate region teacher temperature / centre momentum change the region part
+    only, and None (the default) is the official recipe."""
+    torch.manual_seed(3)
+    student, teacher, _ = _outputs(b=2, k=20, d=4, n_local=2, tg=4, tl=1)
+    ref = EsViTLoss(20, backend="torch")
+    same = EsViTLoss(20, backend="torch", region_teacher_temp=0.05, region_center_momentum=0.9)
+    other = EsViTLoss(20, backend="torch", region_teacher_temp=0.02, region_center_momentum=0.5)
+    a, b, c = (m(student, teacher, 0.05) for m in (ref, same, other))
+    torch.testing.assert_close(a.total, b.total)
+    torch.testing.assert_close(ref.region_center, same.region_center)
+    torch.testing.assert_close(a.view, c.view)
+    torch.testing.assert_close(ref.center, other.center)
+    assert not torch.allclose(a.region, c.region)
+    torch.testing.assert_close(other.region_center, ref.region_center / 0.1 * 0.5)  # from zero: (1 - m) x mean
+
+
 def test_view_only_and_weights():
     torch.manual_seed(1)
     student, teacher, flat = _outputs(b=2, k=20, d=4, n_local=2, tg=4, tl=1)

@@ -10,7 +10,8 @@ End-to-end demo on a generated, labelled dataset (no download): generate train/v
 `esvit pretrain` (configs/demo_cpu.yaml on the CPU, a few minutes; configs/demo_gpu.yaml -- longer, bigger
 -- when a GPU is present), then evaluate the pretrained teacher and the same architecture at random
 initialisation -- and, as a quick L_R ablation, the same pretraining with the view loss only (one
-seed; `esvit ablate` runs it over seeds): weighted k-NN (k = 10, 20, 100, 200), linear probe, and the
+seed, both pretrainings side by side on a multi-core CPU; `esvit ablate` runs it over seeds): weighted
+k-NN (k = 10, 20, 100, 200), linear probe, and the
 correspondence accuracy of region features between each validation image and its flipped,
 colour-jittered view. Draws the
 correspondences (pretrained and random init) and the last-block attention, and prints a short report
@@ -40,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random-init baseline and the jitter")
     p.add_argument("--no-ablation", action="store_true",
                    help="skip the quick L_R ablation (the same pretraining without the region loss, one seed)")
+    p.add_argument("--jobs", type=int, choices=(1, 2), default=2,
+                   help="2 (default): on a CPU with >= 2 cores the quick ablation's two pretrainings run side by "
+                        "side in child processes, cpu_count / 2 threads each; 1: one after the other")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="pretraining config overrides, e.g. optim.lr=1e-3")

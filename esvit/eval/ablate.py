@@ -25,7 +25,7 @@ from ..checkpoint import atomic_write
 from ..config import load_config, validate
 from ..data.synthetic import make_dataset
 from ..errors import ConfigError, TrainingError
-from .demo import REPO_CONFIGS, evaluate_pair
+from .demo import REPO_CONFIGS, evaluate_pair, pretrain_in_child
 from .model import EvalModel, load_eval_model, token_grid
 
 __all__ = ["METRICS", "VARIANTS", "AblationRun", "format_table", "paired", "plan_runs", "plot_ablation",
@@ -109,22 +109,10 @@ def _pretrain(run: AblationRun, args: argparse.Namespace, data: Path) -> float:
 def _pretrain_subprocess(run: AblationRun, args: argparse.Namespace, data: Path, threads: int) -> float:
     """The same in a child ``python -m esvit pretrain`` with ``threads`` threads, its output in
     ``pretrain.out`` of the run; returns its wall time (s)."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
-    log = run.directory / "pretrain.out"
-    tic = time.perf_counter()
-    with open(log, "w") as f:
-        code = subprocess.run([sys.executable, "-m", "esvit", "pretrain", *_pretrain_argv(run, args, data)],
-                              stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    if code != 0:
-        tail = log.read_text().strip().splitlines()[-3:]
-        raise TrainingError(f"pretraining {run.variant} seed {run.seed} failed (exit {code}; {log}): "
-                            + " / ".join(tail))
-    return time.perf_counter() - tic
+    try:
+        return pretrain_in_child(_pretrain_argv(run, args, data), run.directory / "pretrain.out", threads)
+    except TrainingError as e:
+        raise TrainingError(f"pretraining {run.variant} seed {run.seed}: {e}") from None
 
 
 def _evaluate(run: AblationRun, cfg: dict, args: argparse.Namespace, data: Path, device: torch.device) -> dict:

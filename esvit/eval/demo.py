@@ -26,7 +26,7 @@ from .model import EvalModel, load_eval_model
 from .transforms import eval_transform
 
 __all__ = ["DemoPlan", "default_config_path", "evaluate_pair", "format_report", "knn_verdict", "plan_demo",
-           "run_demo"]
+           "pretrain_in_child", "run_demo"]
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 KS = (10, 20, 100, 200)
@@ -84,6 +84,36 @@ def plan_demo(args: argparse.Namespace, out: Path, cuda: bool) -> DemoPlan:
         view = pretrain_args("pretrain_view", ["loss.region_weight=0"])
     return DemoPlan(path, pre, d["embedded_images"], d["embedded_classes"], d["embedded_image_size"],
                     args.val_fraction, d["embedded_kind"], notes, view)
+
+
+def pretrain_in_child(argv: list[str], log: Path, threads: int) -> float:
+    """``esvit pretrain ARGV`` in a child ``python -m esvit`` with ``threads`` threads (OMP_NUM_THREADS), its
+    output in ``log``; returns its wall time (s), raises :class:`TrainingError` if it fails."""
+    import os
+    import subprocess
+    import sys
+
+    from ..errors import TrainingError
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    tic = time.perf_counter()
+    with open(log, "w") as f:
+        code = subprocess.run([sys.executable, "-m", "esvit", "pretrain", *argv], stdout=f,
+                              stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0:
+        tail = log.read_text().strip().splitlines()[-3:]
+        raise TrainingError(f"esvit pretrain failed (exit {code}; {log}): " + " / ".join(tail))
+    return time.perf_counter() - tic
+
+
+def side_by_side(plan: DemoPlan, device: torch.device, jobs: int) -> bool:
+    """Whether the two pretrainings of the quick ablation run side by side in child processes: on the CPU with
+    ``jobs`` >= 2 and at least two cores (on a 2-core CPU two single-thread runs beat one two-thread run)."""
+    import os
+
+    return plan.view_args is not None and device.type == "cpu" and jobs >= 2 and (os.cpu_count() or 1) >= 2
 
 
 def generate_data(plan: DemoPlan, root: Path, progress: bool) -> dict:
@@ -211,18 +241,36 @@ def run_demo(args: argparse.Namespace) -> dict:
     pretrain_cmd.add_arguments(p)
     pre_args = p.parse_args(plan.pretrain_args)
     cfg = pretrain_cmd.build_config(pre_args)
-    t_pre = time.perf_counter()
-    pretrain_cmd.run(pre_args)
-    ckpt = out / "pretrain" / "checkpoint.pth"
-    models = {"pretrained": load_eval_model(ckpt, backend=args.backend, device=device)}
+    ckpt, view_ckpt = out / "pretrain" / "checkpoint.pth", out / "pretrain_view" / "checkpoint.pth"
     if plan.view_args is not None:
         print(f"[2/4] quick L_R ablation, the same without the region loss: esvit pretrain "
               f"{' '.join(plan.view_args)}", flush=True)
         if args.fresh and (out / "pretrain_view").exists():
             shutil.rmtree(out / "pretrain_view")
-        pretrain_cmd.run(p.parse_args(plan.view_args))
-        models["view_only"] = load_eval_model(out / "pretrain_view" / "checkpoint.pth", backend=args.backend,
-                                              device=device)
+    t_pre = time.perf_counter()
+    if side_by_side(plan, device, args.jobs):
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        threads = max(1, (os.cpu_count() or 1) // 2)
+        runs = {"view + region": (plan.pretrain_args, out / "pretrain.out"),
+                "view only": (plan.view_args, out / "pretrain_view.out")}
+        print(f"[2/4] both pretrainings side by side, {threads} thread(s) each (--jobs 1: one after the other); "
+              f"their output: {out / 'pretrain.out'}, {out / 'pretrain_view.out'}", flush=True)
+        with ThreadPoolExecutor(2) as pool:
+            futures = {name: pool.submit(pretrain_in_child, [*argv, "--no-progress"], log, threads)
+                       for name, (argv, log) in runs.items()}
+            for name, future in futures.items():
+                secs = future.result()
+                print(f"  {name} ({secs:.0f} s):\n" + "\n".join(
+                    f"    {line}" for line in runs[name][1].read_text().strip().splitlines()), flush=True)
+    else:
+        pretrain_cmd.run(pre_args)
+        if plan.view_args is not None:
+            pretrain_cmd.run(p.parse_args(plan.view_args))
+    models = {"pretrained": load_eval_model(ckpt, backend=args.backend, device=device)}
+    if plan.view_args is not None:
+        models["view_only"] = load_eval_model(view_ckpt, backend=args.backend, device=device)
     pretrain_s = time.perf_counter() - t_pre
 
     print(f"[3/4] evaluation: k-NN, linear probe and correspondence, pretrained teacher"
