@@ -41,13 +41,19 @@ SCOPES = ("block", "core", "layer")
 VIL_2262 = ((96, 3), (192, 6))  # (C, heads) of the sparse stages (window 7, one global token)
 
 
+@dataclass(frozen=True)
 class _Layer:
-    """What the Swin and ViL layer shapes share: head_dim and the local-crop tag of their names."""
+    """What the Swin and ViL layer shapes share: the layer's fields, head_dim and the local-crop tag of their
+    names."""
 
+    model: str
+    stage: int
     img: int
     batch: int
+    res: int
     dim: int
     heads: int
+    window: int
 
     @property
     def head_dim(self) -> int:
@@ -62,14 +68,6 @@ class _Layer:
 class AttnShape(_Layer):
     """One window-attention layer: batch, map resolution, channels, heads, window and shift."""
 
-    model: str
-    stage: int
-    img: int
-    batch: int
-    res: int
-    dim: int
-    heads: int
-    window: int
     shift: int
     base_window: int
 
@@ -152,14 +150,6 @@ def plan(device: torch.device, quick: bool) -> list[tuple[AttnShape | ViLShape, 
 class ViLShape(_Layer):
     """One ViL local-query attention layer: batch, map resolution, channels, heads, window, global tokens."""
 
-    model: str
-    stage: int
-    img: int
-    batch: int
-    res: int
-    dim: int
-    heads: int
-    window: int
     nglo: int
 
     @property
