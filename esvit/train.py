@@ -27,7 +27,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import rundir
-from .config import from_dict
+from .config import SCHEMA, from_dict
 from .distributed import DistEnv, all_reduce_mean, barrier, cleanup, convert_sync_batchnorm, init_distributed
 from .errors import CheckpointError, ConfigError, DataError, EsvitError, TrainingError
 from .losses import EsViTLoss
@@ -291,12 +291,17 @@ _RESUMABLE_CHANGES = {"model.backend", "model.compile", "model.use_checkpoint", 
 
 
 def _check_resumable(old: dict, new: dict, old_world: int, new_world: int) -> list[str]:
-    """Errors on changes that make the checkpoint meaningless; returns warnings for the tolerated ones."""
+    """Errors on changes that make the checkpoint meaningless; returns warnings for the tolerated ones.
+
+    A field missing from ``old`` (a checkpoint written before the field existed) counts as its default: that
+    run behaved as the default does, so adding a field never strands an older run."""
     diffs = []
     for section in ("model", "head", "loss", "data", "optim"):
         for key, value in new[section].items():
-            if old.get(section, {}).get(key) != value and f"{section}.{key}" not in _RESUMABLE_CHANGES:
-                diffs.append(f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {value!r}")
+            field = SCHEMA.get(section, {}).get(key)
+            was = old.get(section, {}).get(key, field.default if field is not None else None)
+            if was != value and f"{section}.{key}" not in _RESUMABLE_CHANGES:
+                diffs.append(f"{section}.{key}: {was!r} -> {value!r}")
     if diffs:
         raise ConfigError("the output directory holds a checkpoint of another configuration ("
                           + "; ".join(diffs) + "); use a new --output or remove its checkpoint.pth")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import re
@@ -427,3 +428,17 @@ def test_determinism_sets_the_cublas_workspace_first(monkeypatch):
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_resume_treats_a_field_missing_from_an_older_checkpoint_as_its_default():
+    from esvit.config import from_dict
+    from esvit.errors import ConfigError
+    from esvit.train import _check_resumable
+
+    new = from_dict({})
+    old = copy.deepcopy(new)
+    del old["loss"]["region_center_momentum"], old["head"]["out_dim"]  # written before these fields existed
+    assert _check_resumable(old, new, 1, 1) == []
+    changed = from_dict({"head": {"out_dim": new["head"]["out_dim"] // 2}})
+    with pytest.raises(ConfigError, match=r"head.out_dim: 65536 -> 32768"):
+        _check_resumable(old, changed, 1, 1)
